@@ -1,0 +1,41 @@
+# Two commands: `make demo` and `make test`. Everything else is set up by them.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt | cksum | cut -d' ' -f1)
+MODEL ?= embedded
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup browser test demo trace build clean-cache bench
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+## setup: the virtual environment with every dependency, and the embedded model converted once
+setup: $(STAMP)
+	$(PY) -m engine prepare --model $(MODEL)
+
+## browser: Debian's chromium for the end-to-end test
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+## test: set up and run the whole suite
+test: setup browser
+	$(PY) -m pytest
+
+## trace: the engine's CLI trace on the headline prompt
+trace: setup
+	$(PY) -m engine trace --model $(MODEL) --prompt "Which is bigger: 9.8 or 9.11?" --top 20 --generate 24
+
+## demo: set up, then run the main job
+demo: setup trace
+
+bench: setup
+	$(PY) -m benchmarks.trace --json

@@ -1,0 +1,81 @@
+-- The neuron database: one DuckDB file per model, cache/<model-slug>.duckdb.
+-- Written once by `python -m precompute build` (cache/writer.py); the dashboard opens it read-only.
+-- Polarity is +1 (the neuron's positive side: top activations) or -1 (its negative side: bottom activations).
+-- A neuron is (layer, neuron): the `neuron`-th input of model.model.layers[layer].mlp.down_proj.
+
+-- Key/value facts about the build. Required keys:
+--   schema_version, model_id, model_slug, n_layers, n_neurons, seq_len, n_sequences, n_tokens,
+--   corpus_sources (JSON list of {name, licence, n_sequences}), corpus_hash,
+--   explainer, scorer, embedding_model, embedding_dim, versions (JSON), build_time (ISO 8601, UTC)
+CREATE TABLE IF NOT EXISTS meta (
+    key   VARCHAR PRIMARY KEY,
+    value VARCHAR NOT NULL
+);
+
+-- One row per neuron. promotes/suppresses: the tokens its output weights push up/down through the
+-- unembedding (W_U @ down_proj.weight[:, neuron]), most extreme first, for its positive polarity.
+CREATE TABLE IF NOT EXISTS neurons (
+    layer      INTEGER NOT NULL,
+    neuron     INTEGER NOT NULL,
+    promotes   VARCHAR[],
+    suppresses VARCHAR[],
+    PRIMARY KEY (layer, neuron)
+);
+
+-- The corpus, cut into fixed-length token sequences.
+CREATE TABLE IF NOT EXISTS sequences (
+    seq_id  INTEGER PRIMARY KEY,
+    source  VARCHAR NOT NULL,      -- corpus source name, e.g. 'bible', 'pydoc', 'changelogs'
+    text    VARCHAR NOT NULL,      -- the decoded text of the sequence
+    tokens  VARCHAR[] NOT NULL     -- one string per token, decoded
+);
+
+-- One description per (neuron, polarity).
+CREATE TABLE IF NOT EXISTS descriptions (
+    layer     INTEGER NOT NULL,
+    neuron    INTEGER NOT NULL,
+    polarity  TINYINT NOT NULL,    -- +1 or -1
+    text      VARCHAR NOT NULL,    -- the full description
+    summary   VARCHAR NOT NULL,    -- under 15 words
+    score     DOUBLE,              -- simulation correlation on held-out sequences, NULL if not scored
+    explainer VARCHAR NOT NULL,    -- which explainer wrote it, e.g. 'offline-v1' or 'llm:<model>'
+    PRIMARY KEY (layer, neuron, polarity)
+);
+
+-- The embedding of each description (L2-normalised), dimension in meta.embedding_dim.
+-- The array type is created with the real dimension by cache/writer.py (FLOAT[d]).
+CREATE TABLE IF NOT EXISTS embeddings (
+    layer    INTEGER NOT NULL,
+    neuron   INTEGER NOT NULL,
+    polarity TINYINT NOT NULL,
+    vec      FLOAT[384] NOT NULL,
+    PRIMARY KEY (layer, neuron, polarity)
+);
+
+-- Exemplars: top-K sequences per (neuron, polarity) and a shared random sample.
+-- split is 'train' or 'test' for top exemplars (rank 0 = most extreme), 'random' for random ones.
+-- polarity is +1 / -1 for top / bottom exemplars and 0 for random ones (shared by both polarities).
+-- max_act is the sequence's max activation (min for polarity -1), acts the per-token activations,
+-- stored compactly as int8 codes: act ≈ code / 127 * scale, with scale = max |act| over the row.
+CREATE TABLE IF NOT EXISTS exemplars (
+    layer    INTEGER NOT NULL,
+    neuron   INTEGER NOT NULL,
+    polarity TINYINT NOT NULL,    -- +1, -1, or 0 for split = 'random'
+    split    VARCHAR NOT NULL,
+    rank     INTEGER NOT NULL,
+    seq_id   INTEGER NOT NULL,
+    max_act  FLOAT NOT NULL,
+    scale    FLOAT NOT NULL,
+    acts     TINYINT[] NOT NULL
+);
+
+-- Extreme quantiles of each neuron's activation over all corpus tokens.
+-- q in {0, 1e-5, 1e-4, 1e-3, 1-1e-3, 1-1e-4, 1-1e-5, 1}; 0 and 1 are the min and max.
+-- Linear interpolation between order statistics (numpy's default), exact for the corpus.
+CREATE TABLE IF NOT EXISTS quantiles (
+    layer  INTEGER NOT NULL,
+    neuron INTEGER NOT NULL,
+    q      DOUBLE NOT NULL,
+    value  FLOAT NOT NULL,
+    PRIMARY KEY (layer, neuron, q)
+);
