@@ -184,7 +184,9 @@ def load_model(name: str = EMBEDDED_NAME, device: str | None = None, dtype: torc
     and input embeddings, never weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-tensor bars are noise for a 2-second load
     if not name or not str(name).strip():
         raise MonitorError("No model given: use --model embedded, a local folder, or a hub id.")
     source, local_only = _resolve_source(str(name).strip())

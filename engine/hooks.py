@@ -1,0 +1,71 @@
+"""Forward pre-hooks on ``model.model.layers[L].mlp.down_proj``: capture and steer neurons.
+
+The input of ``down_proj`` is ``act_fn(gate_proj(x)) * up_proj(x)`` — the neurons. One
+pre-hook per layer sees it as ``[batch, tokens, neurons]``, applies the compiled
+interventions (see :mod:`engine.steering`) and records the (possibly steered) value.
+
+With ``keep_graph=True`` the recorded tensors stay in the autograd graph, so
+``torch.autograd.grad(objective, hooks.captured)`` gives the *total* derivative through
+every later layer. (Swapping each layer's input for a detached leaf would cut the paths
+through later MLPs and give wrong attributions.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .steering import CompiledInterventions, apply_layer_ops
+
+
+class NeuronHooks:
+    """Context manager that hooks every layer's ``mlp.down_proj``.
+
+    ``offset`` is the absolute position of the first token of the next forward call;
+    the generation loop advances it so token ranges stay right with a KV cache.
+    """
+
+    def __init__(
+        self,
+        lm,
+        capture: bool = False,
+        keep_graph: bool = False,
+        interventions: CompiledInterventions | None = None,
+    ):
+        self.lm = lm
+        self.capture = capture
+        self.keep_graph = keep_graph
+        self.interventions = interventions
+        self.offset = 0
+        self.captured: list[torch.Tensor | None] = [None] * lm.n_layers  # per layer [batch, tokens, neurons]
+        self._handles = []
+
+    def _hook(self, layer: int):
+        ops_rounds = self.interventions.layers.get(layer) if self.interventions else None
+        prompt_len = self.interventions.prompt_len if self.interventions else 0
+
+        def hook(module, args):
+            x = args[0]
+            if ops_rounds:
+                for ops in ops_rounds:
+                    x = apply_layer_ops(x, ops, self.offset, prompt_len)
+            if self.capture:
+                self.captured[layer] = x if self.keep_graph else x.detach()
+            if ops_rounds:
+                return (x,) + tuple(args[1:])
+            return None
+
+        return hook
+
+    def __enter__(self) -> "NeuronHooks":
+        for i, layer in enumerate(self.lm.layers):
+            self._handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def stacked(self) -> torch.Tensor:
+        """Captured activations as ``[layers, batch, tokens, neurons]``."""
+        return torch.stack([c for c in self.captured])

@@ -1,0 +1,218 @@
+"""Interventions on neuron activations: which neurons, how, and on which tokens.
+
+An :class:`Intervention` names neurons as (layer, neuron, polarity) triples, a mode and
+a token range:
+
+* ``replace``: ``a ← strength × Q_polarity[layer, neuron]``, where ``Q_+1`` is the
+  neuron's high extreme quantile and ``Q_-1`` its low one (Transluce uses 1−1e-7 and
+  1e-7). Strength 0 suppresses; Transluce's strengthen default is 0.75. The quantile
+  tables are passed in (they come from the neuron database).
+* ``scale``: ``a ← factor × a``; factor 0 ablates, factor 1 changes nothing.
+
+Token ranges are explicit prompt positions, the last user turn, or the whole prompt,
+optionally "also every generated token". :func:`compile_interventions` checks ranges,
+ids and contradictions once, and turns the list into per-layer index tensors that
+:mod:`engine.hooks` applies inside ``mlp.down_proj``'s forward pre-hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from .chat import RenderedChat
+from .errors import MonitorError
+
+MODES = ("replace", "scale")
+RANGE_KINDS = ("last_user", "prompt", "positions")
+GENERATED = -1  # key for "every generated token" in a neuron's position map
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    """Which tokens an intervention touches.
+
+    ``kind``: ``last_user`` (the default, as in the reference), ``prompt`` (every prompt
+    token) or ``positions`` (explicit ``positions``). ``generated=True`` adds every
+    generated token.
+    """
+
+    kind: str = "last_user"
+    positions: tuple[int, ...] = ()
+    generated: bool = False
+
+    def resolve(self, rendered: RenderedChat) -> list[int]:
+        """Prompt positions covered, sorted; raises if a position is out of range."""
+        n = len(rendered)
+        if self.kind == "prompt":
+            return list(range(n))
+        if self.kind == "last_user":
+            start, end = rendered.last_turn("user") if rendered.messages else (0, n)
+            return list(range(start, end))
+        if self.kind == "positions":
+            out = set()
+            for p in self.positions:
+                q = int(p) + n if int(p) < 0 else int(p)
+                if not 0 <= q < n:
+                    raise MonitorError(f"Token position {p} is out of range: the prompt has tokens 0..{n - 1}.")
+                out.add(q)
+            return sorted(out)
+        raise MonitorError(f"Unknown token range {self.kind!r}; use one of {', '.join(RANGE_KINDS)}.")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "positions": list(self.positions), "generated": self.generated}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TokenRange":
+        return cls(str(d.get("kind", "last_user")), tuple(int(p) for p in d.get("positions", ())), bool(d.get("generated", False)))
+
+
+@dataclass
+class Intervention:
+    neurons: list[tuple[int, int, int]]  # (layer, neuron, polarity ±1)
+    mode: str = "replace"
+    strength: float = 0.0  # replace: a ← strength × quantile(polarity)
+    factor: float = 0.0  # scale: a ← factor × a
+    tokens: TokenRange = field(default_factory=TokenRange)
+    label: str = ""
+
+    def effect(self) -> tuple[str, float]:
+        return (self.mode, float(self.strength if self.mode == "replace" else self.factor))
+
+
+@dataclass
+class LayerOps:
+    """Everything one layer's hook applies: ``[k]`` neuron ids and their targets."""
+
+    neurons: torch.Tensor  # [k] long
+    values: torch.Tensor  # [k] float: replacement value, or factor
+    replace: torch.Tensor  # [k] bool: True = replace, False = scale
+    positions: torch.Tensor  # [k, prompt_len] bool: which prompt positions each op touches
+    generated: torch.Tensor  # [k] bool: also touch positions ≥ prompt_len
+
+
+@dataclass
+class CompiledInterventions:
+    prompt_len: int
+    layers: dict[int, list[LayerOps]]  # per layer, rounds with distinct neurons
+    n_neurons: int
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+
+def compile_interventions(
+    interventions: Iterable[Intervention],
+    rendered: RenderedChat,
+    n_layers: int,
+    n_neurons: int,
+    quantiles: Mapping[int, np.ndarray | torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> CompiledInterventions:
+    """Validate interventions and group them per layer.
+
+    ``quantiles`` maps polarity (+1, −1) to a ``[layers, neurons]`` table; it is needed
+    only by ``replace`` with a non-zero strength. A (layer, neuron) that two entries
+    touch on a shared token with different effects is contradictory and raises; exact
+    duplicates are merged, so a ``scale`` never applies twice to the same cell.
+    """
+    prompt_len = len(rendered)
+    # (layer, neuron) -> {prompt position or GENERATED: (mode, value)}
+    cells: dict[tuple[int, int], dict[int, tuple[str, float]]] = {}
+    for iv in interventions:
+        if iv.mode not in MODES:
+            raise MonitorError(f"Unknown steering mode {iv.mode!r}; use replace or scale.")
+        if not iv.neurons:
+            continue
+        positions = iv.tokens.resolve(rendered) + ([GENERATED] if iv.tokens.generated else [])
+        for layer, neuron, polarity in iv.neurons:
+            layer, neuron, polarity = int(layer), int(neuron), int(polarity)
+            if not 0 <= layer < n_layers:
+                raise MonitorError(f"Layer {layer} is out of range: the model has layers 0..{n_layers - 1}.")
+            if not 0 <= neuron < n_neurons:
+                raise MonitorError(f"Neuron {neuron} is out of range: each layer has neurons 0..{n_neurons - 1}.")
+            if polarity not in (1, -1):
+                raise MonitorError(f"Polarity {polarity} is invalid; use +1 or -1.")
+            if iv.mode == "scale":
+                value = float(iv.factor)
+            elif iv.strength == 0:
+                value = 0.0
+            elif quantiles is None:
+                raise MonitorError("Replace-mode steering needs the neuron quantiles: build the database first.")
+            else:
+                value = float(iv.strength) * float(quantiles[polarity][layer][neuron])
+            effect = (iv.mode, value)
+            cell = cells.setdefault((layer, neuron), {})
+            for p in positions:
+                old = cell.setdefault(p, effect)
+                if old != effect:
+                    where = "generated tokens" if p == GENERATED else f"token {p}"
+                    raise MonitorError(
+                        f"Contradictory interventions on layer {layer} neuron {neuron}: {old[0]} {old[1]:g} and "
+                        f"{iv.mode} {value:g} both cover {where}; remove one or make their token ranges disjoint."
+                    )
+    per_layer: dict[int, list] = {}
+    for (layer, neuron), cell in sorted(cells.items()):
+        by_effect: dict[tuple[str, float], list[int]] = {}
+        for p, effect in cell.items():
+            by_effect.setdefault(effect, []).append(p)
+        for (mode, value), ps in by_effect.items():
+            per_layer.setdefault(layer, []).append(
+                (neuron, value, mode == "replace", [p for p in ps if p != GENERATED], GENERATED in ps)
+            )
+    layers: dict[int, list[LayerOps]] = {}
+    for layer, ops in per_layer.items():
+        # A neuron with different effects on disjoint tokens gets one op per effect; split
+        # them into rounds so that no round indexes the same neuron twice.
+        rounds: list[list] = []
+        seen: dict[int, int] = {}
+        for op in ops:
+            r = seen.get(op[0], 0)
+            seen[op[0]] = r + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(op)
+        layers[layer] = [_layer_ops(rnd, prompt_len, device, dtype) for rnd in rounds]
+    return CompiledInterventions(prompt_len, layers, n_neurons)
+
+
+def _layer_ops(ops: list, prompt_len: int, device, dtype) -> LayerOps:
+    mask = torch.zeros(len(ops), prompt_len, dtype=torch.bool)
+    for i, (_, _, _, pos, _) in enumerate(ops):
+        if pos:
+            mask[i, pos] = True
+    return LayerOps(
+        neurons=torch.tensor([o[0] for o in ops], dtype=torch.long, device=device),
+        values=torch.tensor([o[1] for o in ops], dtype=dtype, device=device),
+        replace=torch.tensor([o[2] for o in ops], dtype=torch.bool, device=device),
+        positions=mask.to(device),
+        generated=torch.tensor([o[4] for o in ops], dtype=torch.bool, device=device),
+    )
+
+
+def apply_layer_ops(x: torch.Tensor, ops: LayerOps, offset: int, prompt_len: int) -> torch.Tensor:
+    """Return a copy of ``x`` [batch, tokens, neurons] with ``ops`` applied.
+
+    Token ``j`` of this call sits at absolute position ``offset + j``. A cell is touched
+    when its position is in the op's prompt positions, or is ≥ ``prompt_len`` and the
+    op covers generated tokens. Replace: ``a ← value``; scale: ``a ← value × a``.
+    """
+    t = x.shape[1]
+    pos = torch.arange(offset, offset + t, device=x.device)
+    in_prompt = pos < prompt_len
+    touch = torch.zeros(ops.neurons.shape[0], t, dtype=torch.bool, device=x.device)  # [k, t]
+    if in_prompt.any():
+        touch[:, in_prompt] = ops.positions[:, pos[in_prompt]]
+    touch |= (~in_prompt)[None, :] & ops.generated[:, None]
+    if not touch.any():
+        return x
+    y = x.clone()
+    cols = y[:, :, ops.neurons]  # [batch, t, k]
+    vals = ops.values.to(y.dtype)
+    new = torch.where(ops.replace, vals.expand_as(cols), cols * vals)
+    y[:, :, ops.neurons] = torch.where(touch.T[None], new, cols)
+    return y
