@@ -78,6 +78,10 @@ def top_cells(values: torch.Tensor, k: int, skip_tokens=(), scale: torch.Tensor 
     return out
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def run_trace(
     lm,
     chat: Chat,
@@ -125,7 +129,7 @@ def run_trace(
             with torch.enable_grad():
                 embeds = lm.model.get_input_embeddings()(ids).detach().requires_grad_(True)
                 logits = lm.model(inputs_embeds=embeds).logits[0]
-                logp = torch.log_softmax(logits[target_index - 1].float(), dim=-1)[ids[0, target_index]]
+                logp = torch.log_softmax(_at_least_fp32(logits[target_index - 1]), dim=-1)[ids[0, target_index]]
                 captured = [c for c in hooks.captured]
                 grads = torch.autograd.grad(logp, captured)
             acts = torch.stack([c.detach() for c in captured])[:, 0]

@@ -1,0 +1,81 @@
+"""Shared, session-scoped fixtures: the embedded model, a tiny random Llama, a Llama-3 tokenizer."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# The Llama-3 chat format, written from its published spec (header ids, <|eot_id|>).
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture(scope="session")
+def lm():
+    from engine.loader import load_model
+
+    return load_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tmp_path_factory):
+    """The embedded tokenizer given Llama-3's special tokens and chat template."""
+    from transformers import AutoTokenizer
+
+    from engine.loader import ensure_embedded_model
+
+    tok = AutoTokenizer.from_pretrained(str(ensure_embedded_model()))
+    tok.add_special_tokens({"additional_special_tokens": LLAMA3_SPECIAL, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
+    tok.chat_template = LLAMA3_TEMPLATE
+    path = tmp_path_factory.mktemp("llama3-tok")
+    tok.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, llama3_tokenizer):
+    """A randomly initialised 3-layer Llama with the Llama-3 template, saved like a hub checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(llama3_tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=llama3_tokenizer.bos_token_id,
+        eos_token_id=llama3_tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    llama3_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_llama_dir):
+    from engine.loader import load_model
+
+    return load_model(str(tiny_llama_dir))
