@@ -1,0 +1,165 @@
+"""Command line for the neuron database.
+
+    python -m cache search "Bible verses" --k 20 [--layers 0-10] [--polarity 1] [--min-score 0.2] [--json]
+    python -m cache keyword "chapter" --k 50 [--json]
+    python -m cache neuron 12 345 [--json]
+    python -m cache info [--json]
+
+Every command takes ``--model embedded`` (default) or ``--db PATH``. A problem the user
+can fix prints one line on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from typing import Any
+
+import pandas as pd
+
+from engine.errors import MonitorError
+
+SEARCH_FIELDS = ["layer", "neuron", "polarity", "description", "score", "similarity", "top_exemplar"]
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """``"3"`` → (3, 3); ``"0-10"`` → (0, 10), inclusive."""
+    parts = text.strip().split("-")
+    try:
+        if len(parts) == 1:
+            return int(parts[0]), int(parts[0])
+        if len(parts) == 2:
+            return int(parts[0]), int(parts[1])
+    except ValueError:
+        pass
+    raise MonitorError(f"--layers {text!r} is not a layer or range: use e.g. --layers 5 or --layers 0-10.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="embedded", help="model whose database to open (default: embedded)")
+    common.add_argument("--db", default=None, help="path of a .duckdb file (overrides --model)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("--k", type=int, default=20, help="number of results")
+    filters.add_argument("--layers", default=None, help="inclusive layer range, e.g. 0-10")
+    filters.add_argument("--polarity", type=int, choices=[1, -1], default=None)
+    filters.add_argument("--min-score", type=float, default=None, help="keep descriptions scoring at least this")
+
+    parser = argparse.ArgumentParser(prog="python -m cache", description="Query a neuron database.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("search", parents=[common, filters], help="semantic search over descriptions")
+    s.add_argument("query", help="a concept, e.g. 'Bible verses'")
+    s.add_argument("--keyword", default=None, help="also require this literal text in the description")
+    s.add_argument("--embedder", default=None, help="local sentence-transformers folder (default: all-MiniLM-L6-v2)")
+    kw = sub.add_parser("keyword", parents=[common, filters], help="literal substring search, best score first")
+    kw.add_argument("text")
+    n = sub.add_parser("neuron", parents=[common], help="one neuron with its descriptions and exemplars")
+    n.add_argument("layer", type=int)
+    n.add_argument("neuron", type=int)
+    sub.add_parser("info", parents=[common], help="build facts and row counts")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except MonitorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def run(args: argparse.Namespace) -> int:
+    from .db import open_database
+
+    with open_database(args.db, model=args.model) as db:
+        if args.command == "info":
+            info = {"path": str(db.path), "meta": db.meta, "counts": db.counts()}
+            _print(info, args.json, _format_info)
+        elif args.command == "neuron":
+            _print(db.neuron(args.layer, args.neuron), args.json, _format_neuron)
+        else:
+            layer_range = parse_layers(args.layers) if args.layers else None
+            filters = dict(k=args.k, layer_range=layer_range, polarity=args.polarity, min_score=args.min_score)
+            if args.command == "search":
+                from .embedder import embed
+
+                hits = db.semantic_search(embed([args.query], name=args.embedder)[0], keyword=args.keyword,
+                                          **filters)
+            else:
+                hits = db.keyword_search(args.text, **filters)
+            _print(_records(hits[SEARCH_FIELDS]), args.json, _format_hits)
+    return 0
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as plain dicts, NaN/NA → None."""
+    return [{k: _plain(v) for k, v in row.items()} for row in df.to_dict("records")]
+
+
+def _plain(v: Any) -> Any:
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return None
+    if hasattr(v, "item"):  # numpy scalar
+        return v.item()
+    return v
+
+
+def _print(obj: Any, as_json: bool, fmt) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False) if as_json else fmt(obj))
+
+
+def _clip(text: str | None, width: int) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def _num(v: float | None, fmt: str = "{:.3f}") -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def _format_hits(rows: list[dict]) -> str:
+    if not rows:
+        return "(no matches)"
+    width = max(shutil.get_terminal_size((120, 20)).columns - 34, 30)
+    lines = [f"{'sim':>6} {'score':>6} {'layer/neuron':>12} pol  description"]
+    for r in rows:
+        lines.append(f"{_num(r['similarity']):>6} {_num(r['score'], '{:.2f}'):>6} "
+                     f"{r['layer']:>5}/{r['neuron']:<6} {r['polarity']:+d}   {_clip(r['description'], width)}")
+    return "\n".join(lines)
+
+
+def _format_neuron(n: dict) -> str:
+    lines = [f"Neuron {n['layer']}/{n['neuron']}"]
+    if n["promotes"] or n["suppresses"]:
+        lines.append(f"  promotes:   {' '.join(map(repr, n['promotes'][:10]))}")
+        lines.append(f"  suppresses: {' '.join(map(repr, n['suppresses'][:10]))}")
+    for pol, d in n["descriptions"].items():
+        lines.append(f"  {pol:+d} [{_num(d['score'], '{:.2f}')}] {d['text']}  ({d['summary']}; {d['explainer']})")
+    if n["quantiles"]:
+        lines.append("  quantiles: " + ", ".join(f"q={q:g}: {v:.3g}" for q, v in n["quantiles"].items()))
+    for ex in n["exemplars"]:
+        acts = ex["acts"]
+        sign = ex["polarity"] or 1  # the most extreme token on the exemplar's side
+        peak = max(range(len(acts)), key=lambda i: sign * acts[i]) if acts else -1
+        text = "".join(f"[[{t}]]" if i == peak else t for i, t in enumerate(ex["tokens"]))
+        pol = f"{ex['polarity']:+d}" if ex["polarity"] else " 0"
+        lines.append(f"  {pol} {ex['split']:<6} #{ex['rank']:<3} max={ex['max_act']:.3g} "
+                     f"({ex['source']}) {_clip(text, 100)}")
+    return "\n".join(lines)
+
+
+def _format_info(info: dict) -> str:
+    lines = [info["path"]]
+    lines += [f"  {k}: {_clip(v, 100)}" for k, v in sorted(info["meta"].items())]
+    lines += ["  rows: " + ", ".join(f"{t}={c:,}" for t, c in info["counts"].items())]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The neuron database's schema as Python constants: version, tables, required meta keys.
+
+``schema.sql`` is the source of truth for tables and columns; this module reads it and
+substitutes the real embedding dimension into ``embeddings.vec FLOAT[d]``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+SCHEMA_FILE = Path(__file__).with_name("schema.sql")
+
+# Bump when a table or column changes meaning; readers refuse other versions.
+SCHEMA_VERSION = "1"
+
+TABLES = ("meta", "neurons", "sequences", "descriptions", "embeddings", "exemplars", "quantiles")
+
+# Every key a finished build must carry (DatabaseWriter.finish checks them).
+REQUIRED_META = (
+    "schema_version", "model_id", "model_slug", "n_layers", "n_neurons", "seq_len", "n_sequences",
+    "n_tokens", "corpus_sources", "corpus_hash", "explainer", "scorer", "embedding_model",
+    "embedding_dim", "versions", "build_time",
+)
+
+# The keys a reader needs to work at all (NeuronDB refuses a file without them).
+READER_META = ("schema_version", "model_id", "n_layers", "n_neurons", "embedding_dim", "embedding_model")
+
+# Column order of each table, as in schema.sql (writers insert by these names).
+COLUMNS = {
+    "neurons": ("layer", "neuron", "promotes", "suppresses"),
+    "sequences": ("seq_id", "source", "text", "tokens"),
+    "descriptions": ("layer", "neuron", "polarity", "text", "summary", "score", "explainer"),
+    "embeddings": ("layer", "neuron", "polarity", "vec"),
+    "exemplars": ("layer", "neuron", "polarity", "split", "rank", "seq_id", "max_act", "scale", "acts"),
+    "quantiles": ("layer", "neuron", "q", "value"),
+}
+
+# The rows of each table are inserted in this order, so DuckDB's per-row-group min/max
+# (zone maps) let a lookup of one neuron skip almost everything.
+SORT_KEYS = {
+    "neurons": ("layer", "neuron"),
+    "sequences": ("seq_id",),
+    "descriptions": ("layer", "neuron", "polarity"),
+    "embeddings": ("layer", "neuron", "polarity"),
+    "exemplars": ("layer", "neuron", "polarity", "split", "rank"),
+    "quantiles": ("layer", "neuron", "q"),
+}
+
+_VEC_TYPE = re.compile(r"(\bvec\s+FLOAT)\[\d+\]")
+
+
+def schema_sql(embedding_dim: int) -> str:
+    """``schema.sql`` with ``embeddings.vec`` typed ``FLOAT[embedding_dim]``."""
+    if int(embedding_dim) <= 0:
+        raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
+    sql, n = _VEC_TYPE.subn(rf"\g<1>[{int(embedding_dim)}]", SCHEMA_FILE.read_text())
+    if n != 1:
+        raise RuntimeError(f"{SCHEMA_FILE} should declare exactly one `vec FLOAT[d]` column, found {n}")
+    return sql
