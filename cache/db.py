@@ -48,8 +48,9 @@ def open_database(path: str | os.PathLike | None = None, read_only: bool = True,
     if not path.is_file():
         rebuild = _rebuild(path)
         if tmp_path(path).exists():
-            raise MonitorError(f"The neuron database build was interrupted ({tmp_path(path).name} is left over "
-                               f"in {path.parent}): re-run `{rebuild}` to resume it.")
+            raise MonitorError(f"The neuron database build did not finish ({tmp_path(path).name} is left over "
+                               f"in {path.parent}): unless a build is still running, re-run `{rebuild}` "
+                               "to resume it.")
         raise MonitorError(f"No neuron database at {path}: build it with `{rebuild}`.")
     try:
         conn = duckdb.connect(str(path), read_only=read_only)

@@ -2,6 +2,11 @@
 -- Written once by `python -m precompute build` (cache/writer.py); the dashboard opens it read-only.
 -- Polarity is +1 (the neuron's positive side: top activations) or -1 (its negative side: bottom activations).
 -- A neuron is (layer, neuron): the `neuron`-th input of model.model.layers[layer].mlp.down_proj.
+--
+-- Physical layout (cache/writer.py, cache/key_map.py): every batch is inserted ORDER BY its table's key
+-- (cache/schema.py SORT_KEYS), so DuckDB's per-row-group min/max lets a lookup of one neuron skip the rest.
+-- Readers open the file read-only and fetch search results by DuckDB rowid (stable: written once);
+-- no index is added beyond the primary keys below. Builds may store extra meta keys (e.g. build_config).
 
 -- Key/value facts about the build. Required keys:
 --   schema_version, model_id, model_slug, n_layers, n_neurons, seq_len, n_sequences, n_tokens,
