@@ -13,7 +13,9 @@ No language model is involved. Each description is assembled from three measurem
 
 Example: "Fires on ':', ' 3' in Bible verses (book chapter:verse references); context:
 lord, israel, said; promotes ' Lord', ' God'; suppresses ' the'."
-The summary keeps the first two parts in under 15 words.
+The summary keeps the tokens, a short topic and two context words in under 15 words;
+it is what gets embedded for semantic search (3× faster to embed than the full text on
+a CPU, and the output-token part adds little to a concept search).
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ import numpy as np
 import torch
 
 EXPLAINER_ID = "offline-v1"
+
+SHORT_TOPICS = {
+    "bible": "Bible verses",
+    "dates": "dates",
+    "changelogs": "version numbers",
+    "versions": "version numbers",
+    "decimals": "decimal numbers",
+    "code": "code",
+    "prose": "prose",
+    "chat": "chat",
+}
 
 TOPICS = {
     "bible": "Bible verses (book chapter:verse references)",
@@ -46,8 +59,21 @@ STOPWORDS = set(
 WORD = re.compile(r"[A-Za-z][A-Za-z']{2,}")
 
 
-def topic_of(source: str) -> str:
-    return TOPICS.get(source, source.replace("_", " "))
+def topic_of(source: str, short: bool = False) -> str:
+    table = SHORT_TOPICS if short else TOPICS
+    return table.get(source, source.replace("_", " "))
+
+
+WORDLIKE = re.compile(r"^ ?[A-Za-z][a-z]{2,}$")
+
+
+def readable(tokens: list[str], n: int = 3) -> list[str]:
+    """The first ``n`` whole-word-looking tokens (' Lord', 'said'), else the first ``n``.
+
+    The logit lens of a neuron ranks many sub-word fragments ('rogen', 'ijuana') high; a
+    description reads better, and searches better, with the word-like ones."""
+    words = [t for t in tokens if WORDLIKE.match(t)]
+    return (words + [t for t in tokens if t not in words])[:n]
 
 
 def show(token: str) -> str:
@@ -58,7 +84,7 @@ def show(token: str) -> str:
 class OutputTokens:
     """Per layer, the tokens each neuron's output column promotes/suppresses most."""
 
-    def __init__(self, lm, n: int = 3):
+    def __init__(self, lm, n: int = 20):
         self.lm, self.n = lm, n
         self.w_u = lm.model.get_output_embeddings().weight.detach().float()  # [vocab, hidden]
         norm = getattr(lm.model.model, "norm", None)
@@ -142,7 +168,12 @@ def describe(
     text = f"{verb} {shown} in {where}"
     if context:
         text += f"; context: {', '.join(context)}"
-    text += f"; promotes {', '.join(show(t) for t in promotes)}; suppresses {', '.join(show(t) for t in suppresses)}."
-    summary = f"{shown} in {where.split(' (')[0]}"
+    text += (f"; promotes {', '.join(show(t) for t in readable(promotes))}"
+             f"; suppresses {', '.join(show(t) for t in readable(suppresses))}.")
+    if exemplar_sources and count / len(exemplar_sources) >= 0.5:
+        short = topic_of(main, short=True)
+    else:
+        short = " and ".join(topic_of(s, short=True) for s, _ in src.most_common(2)) or "mixed text"
+    summary = f"{shown} in {short}" + (f" ({', '.join(context[:2])})" if context else "")
     summary = " ".join(summary.split()[:14])
     return text, summary, tokens, context

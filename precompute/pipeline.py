@@ -52,6 +52,7 @@ class BuildConfig:
     seed: int = 0
     embedding_model: str | None = None
     checkpoint_every: int = 20
+    layers: str | None = None  # describe/score/embed only these layers ("0,5,10-12"); all by default
     work_dir: str | None = None
     db: str | None = None
 
@@ -137,6 +138,23 @@ class Build:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(ident, indent=2))
             os.replace(tmp, path)
+
+    def layer_list(self) -> list[int]:
+        """The layers to describe: ``cfg.layers`` ("0,5,10-12") or all of them."""
+        n = self.lm.n_layers
+        if not self.cfg.layers:
+            return list(range(n))
+        out = set()
+        try:
+            for part in str(self.cfg.layers).split(","):
+                lo, _, hi = part.strip().partition("-")
+                out.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise MonitorError(f"--layers {self.cfg.layers!r} is not a list like 0,5,10-12.") from None
+        bad = [x for x in out if not 0 <= x < n]
+        if bad or not out:
+            raise MonitorError(f"--layers must pick layers in 0..{n - 1}.")
+        return sorted(out)
 
     # -- status ------------------------------------------------------------------------
     def complete_shard_sets(self) -> list[int]:
@@ -276,8 +294,9 @@ class Build:
         ctx = ContextStats(corpus.texts)
         outs = OutputTokens(lm)
         train_ranks = [r for r in range(col.k) if r % TEST_EVERY != TEST_EVERY - 1]
-        bar = self._bar(lm.n_layers, "descriptions (per layer)")
-        for layer in range(lm.n_layers):
+        layers = self.layer_list()
+        bar = self._bar(len(layers), "descriptions (per layer)")
+        for layer in layers:
             path = self.root / "descriptions" / f"layer-{layer:03d}.parquet"
             if path.exists():
                 bar.update(1)
@@ -295,7 +314,7 @@ class Build:
                         pol, [corpus.tokens[i] for i in seqs], acts, [corpus.sources[i] for i in seqs],
                         promotes[neuron], suppresses[neuron], ctx,
                     )
-                    rows.append((layer, neuron, pol, text, summary, EXPLAINER_ID, promotes[neuron], suppresses[neuron]))
+                    rows.append((layer, neuron, pol, text, summary, EXPLAINER_ID, promotes[neuron][:10], suppresses[neuron][:10]))
             df = pd.DataFrame(rows, columns=["layer", "neuron", "polarity", "text", "summary", "explainer", "promotes", "suppresses"])
             _write_parquet(df, path)
             bar.update(1)
@@ -304,7 +323,7 @@ class Build:
         self.mark("descriptions", {"explainer": EXPLAINER_ID})
 
     def descriptions(self) -> pd.DataFrame:
-        files = sorted((self.root / "descriptions").glob("layer-*.parquet"))
+        files = [self.root / "descriptions" / f"layer-{layer:03d}.parquet" for layer in self.layer_list()]
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
     def run_scores(self) -> None:
@@ -318,8 +337,9 @@ class Build:
         rnd_ids = s.random_ids.tolist()
         rnd_tokens = [corpus.tokens[i] for i in rnd_ids]
         rnd_acts = s.random_acts.float().numpy()  # [R, T, F]
-        bar = self._bar(lm.n_layers, "scores (per layer)")
-        for layer in range(lm.n_layers):
+        layers = self.layer_list()
+        bar = self._bar(len(layers), "scores (per layer)")
+        for layer in layers:
             path = self.root / "scores" / f"layer-{layer:03d}.parquet"
             if path.exists():
                 bar.update(1)
@@ -345,7 +365,7 @@ class Build:
         from cache.embedder import embed, load_embedder
 
         desc = self.descriptions()
-        texts = desc["text"].tolist()
+        texts = desc["summary"].tolist()  # see precompute.describe: the summary is what is embedded
         load_embedder(self.cfg.embedding_model)  # fail early, before the progress bar
         n_chunks = (len(texts) + chunk - 1) // chunk
         bar = self._bar(len(texts), "embeddings (descriptions)")
@@ -377,7 +397,7 @@ class Build:
 
         lm, corpus, cfg = self.lm, self.corpus, self.cfg
         desc = self.descriptions()
-        scores = pd.concat([pd.read_parquet(f) for f in sorted((self.root / "scores").glob("layer-*.parquet"))])
+        scores = pd.concat([pd.read_parquet(self.root / "scores" / f"layer-{layer:03d}.parquet") for layer in self.layer_list()])
         desc = desc.merge(scores, on=["layer", "neuron", "polarity"], how="left")
         vecs = self.embeddings()
         if len(vecs) != len(desc):
@@ -409,6 +429,7 @@ class Build:
                 "embedding_model": embedder_id(cfg.embedding_model),
                 "embedding_dim": str(vecs.shape[1]),
                 "exemplars_k": str(col.k),
+                "described_layers": json.dumps(self.layer_list()),
                 "build_config": json.dumps(cfg.identity()),
                 "versions": json.dumps(_versions()),
             })

@@ -79,3 +79,27 @@ def tiny_lm(tiny_llama_dir):
     from engine.loader import load_model
 
     return load_model(str(tiny_llama_dir))
+
+
+# Layers the test database describes: a spread over the model, so layer filters have something to do.
+TEST_DB_LAYERS = "0,8,15,22,29"
+
+
+def build_db(model: str, root: Path, **overrides) -> Path:
+    """Run the real precompute pipeline (tiny corpus) into ``root``; returns the database path."""
+    from precompute.pipeline import Build, BuildConfig
+
+    cfg = BuildConfig(model=model, profile="tiny", work_dir=str(root / "build"), db=str(root / "neurons.duckdb"), **overrides)
+    return Build(cfg, progress=False).run()
+
+
+@pytest.fixture(scope="session")
+def embedded_db(tmp_path_factory) -> Path:
+    """The embedded model's database from the tiny corpus, five layers described (≈3 min, once)."""
+    return build_db("embedded", tmp_path_factory.mktemp("embedded-db"), layers=TEST_DB_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def tiny_db(tmp_path_factory, tiny_llama_dir) -> Path:
+    """The tiny random Llama's full database (seconds)."""
+    return build_db(str(tiny_llama_dir), tmp_path_factory.mktemp("tiny-db"), n_sequences=48, batch_size=8)
