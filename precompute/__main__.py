@@ -5,6 +5,8 @@
     accelerate launch -m precompute activations --model M  # one shard per process
     python -m precompute activations --shard 1 --num-shards 4
     python -m precompute merge --model M                   # merge shards, finish the database
+    python -m precompute build --explainer llm --llm-base-url http://localhost:8000/v1 --llm-model M
+                                                           # descriptions and scores by an LLM (precompute/llm.py)
 
 A :class:`~engine.errors.MonitorError` prints one line and exits 2.
 """
@@ -42,9 +44,24 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default=None, help="build folder (default cache/build/<model>)")
     p.add_argument("--db", default=None, help="database path (default cache/<model>.duckdb)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("LLM explainer (optional; see precompute/llm.py)")
+    g.add_argument("--explainer", choices=["offline", "llm"], default=None,
+                   help="offline (no API), or llm: an OpenAI-compatible endpoint. Default: llm when "
+                        "MONITOR_LLM_BASE_URL (or --llm-base-url) is set, else offline")
+    g.add_argument("--llm-base-url", default=None, help="e.g. http://localhost:8000/v1 (default $MONITOR_LLM_BASE_URL); "
+                   "the key is read from $MONITOR_LLM_API_KEY")
+    g.add_argument("--llm-model", default=None, help="model name (default $MONITOR_LLM_MODEL)")
+    g.add_argument("--llm-n", type=int, default=None, help="candidate descriptions per neuron and polarity (default 5)")
+    g.add_argument("--llm-concurrency", type=int, default=None, help="requests in flight (default 8)")
+    g.add_argument("--llm-max-retries", type=int, default=None, help="retries on 429/5xx/timeouts (default 5)")
+    g.add_argument("--llm-timeout", type=float, default=None, help="seconds per request (default 60)")
 
 
 def _config(args) -> BuildConfig:
+    from .llm import resolve_config
+
+    llm = resolve_config(args.explainer, args.llm_base_url, args.llm_model, n=args.llm_n,
+                         concurrency=args.llm_concurrency, max_retries=args.llm_max_retries, timeout=args.llm_timeout)
     if args.k < 1:
         raise MonitorError("--k must be at least 1 (20 or more is recommended).")
     if args.batch_size < 1:
@@ -53,13 +70,15 @@ def _config(args) -> BuildConfig:
         model=args.model, profile=args.profile, seq_len=args.seq_len, n_sequences=args.n_sequences,
         files=list(args.files), hf_dataset=args.hf_dataset, batch_size=args.batch_size, k=args.k,
         n_random=args.n_random, seed=args.seed, embedding_model=args.embedding_model,
-        checkpoint_every=args.checkpoint_every, layers=args.layers, work_dir=args.work_dir, db=args.db,
+        checkpoint_every=args.checkpoint_every, layers=args.layers, work_dir=args.work_dir, db=args.db, llm=llm,
     )
 
 
 def cmd_build(args) -> int:
     cfg = _config(args)
     build = Build(cfg, progress=not args.quiet)
+    if cfg.llm is not None and not args.quiet:
+        print(f"explainer: {cfg.llm.explainer_id} at {cfg.llm.base_url} (cache {build.root / 'llm-cache.sqlite'})", flush=True)
     if args.fresh and build.root.exists():
         shutil.rmtree(build.root)
     t0 = time.time()

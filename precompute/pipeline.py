@@ -20,6 +20,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,9 @@ from engine.errors import MonitorError
 from engine.loader import cache_dir, model_slug
 
 from .collect import QUANTILE_LEVELS, Collector, extremes_needed
+
+if TYPE_CHECKING:
+    from .llm import LLMConfig
 
 STAGES = ("corpus", "activations", "exemplars", "descriptions", "scores", "embeddings", "write")
 TEST_EVERY = 4  # top-exemplar ranks r with r % 4 == 3 are held out ("test"); the rest are "train"
@@ -55,12 +59,17 @@ class BuildConfig:
     layers: str | None = None  # describe/score/embed only these layers ("0,5,10-12"); all by default
     work_dir: str | None = None
     db: str | None = None
+    llm: LLMConfig | None = None  # explain and score with an OpenAI-compatible endpoint (precompute.llm)
 
     def identity(self) -> dict:
         """The settings that change the result (a rebuild with others needs --fresh)."""
         d = asdict(self)
         for key in ("checkpoint_every", "work_dir", "db", "batch_size"):
             d.pop(key)
+        if self.llm is None:
+            d.pop("llm")  # offline builds keep their identity (and config.json) unchanged
+        else:
+            d["llm"] = self.llm.identity()  # never the API key
         return d
 
     @property
@@ -178,6 +187,11 @@ class Build:
         tmp.write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}))
         os.replace(tmp, self.root / f"{stage}.done")
 
+    def stage_info(self, stage: str) -> dict:
+        """What a finished stage recorded in its marker (e.g. the explainer or scorer id); {} if none."""
+        marker = self.root / f"{stage}.done"
+        return json.loads(marker.read_text()) if marker.exists() else {}
+
     def status(self) -> list[dict]:
         rows = []
         for stage in STAGES:
@@ -285,6 +299,11 @@ class Build:
         return Collector.load(self.root / "merged.parquet")
 
     def run_descriptions(self) -> None:
+        if self.cfg.llm is not None:
+            from .llm import run_descriptions as llm_descriptions
+
+            self.mark("descriptions", llm_descriptions(self))
+            return
         from .describe import EXPLAINER_ID, ContextStats, OutputTokens, describe
 
         lm, corpus = self.lm, self.corpus
@@ -327,6 +346,11 @@ class Build:
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
     def run_scores(self) -> None:
+        if self.cfg.llm is not None:
+            from .llm import run_scores as llm_scores
+
+            self.mark("scores", llm_scores(self))
+            return
         from .simulate import SCORER_ID, score
 
         lm, corpus = self.lm, self.corpus
@@ -424,8 +448,8 @@ class Build:
                 "corpus_profile": cfg.profile,
                 "corpus_sources": json.dumps([{k: v for k, v in si.items() if k in ("name", "licence", "n_sequences", "description")} for si in corpus.source_info]),
                 "corpus_hash": info["corpus_hash"],
-                "explainer": EXPLAINER_ID,
-                "scorer": SCORER_ID,
+                "explainer": self.stage_info("descriptions").get("explainer", EXPLAINER_ID),
+                "scorer": self.stage_info("scores").get("scorer", SCORER_ID),
                 "embedding_model": embedder_id(cfg.embedding_model),
                 "embedding_dim": str(vecs.shape[1]),
                 "exemplars_k": str(col.k),
