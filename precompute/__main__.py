@@ -40,6 +40,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--embedding-model", default=None, help="a local sentence-transformers folder")
     p.add_argument("--checkpoint-every", type=int, default=20, help="batches between activation checkpoints")
+    p.add_argument("--embed-chunk", type=int, default=4096, help="descriptions per embedding checkpoint")
     p.add_argument("--layers", default=None, help="describe only these layers, e.g. 0,5,10-12 (default: all)")
     p.add_argument("--work-dir", default=None, help="build folder (default cache/build/<model>)")
     p.add_argument("--db", default=None, help="database path (default cache/<model>.duckdb)")
@@ -70,7 +71,7 @@ def _config(args) -> BuildConfig:
         model=args.model, profile=args.profile, seq_len=args.seq_len, n_sequences=args.n_sequences,
         files=list(args.files), hf_dataset=args.hf_dataset, batch_size=args.batch_size, k=args.k,
         n_random=args.n_random, seed=args.seed, embedding_model=args.embedding_model,
-        checkpoint_every=args.checkpoint_every, layers=args.layers, work_dir=args.work_dir, db=args.db, llm=llm,
+        checkpoint_every=args.checkpoint_every, embed_chunk=args.embed_chunk, layers=args.layers, work_dir=args.work_dir, db=args.db, llm=llm,
     )
 
 

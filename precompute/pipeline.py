@@ -56,6 +56,7 @@ class BuildConfig:
     seed: int = 0
     embedding_model: str | None = None
     checkpoint_every: int = 20
+    embed_chunk: int = 4096  # descriptions per embedding checkpoint
     layers: str | None = None  # describe/score/embed only these layers ("0,5,10-12"); all by default
     work_dir: str | None = None
     db: str | None = None
@@ -64,7 +65,7 @@ class BuildConfig:
     def identity(self) -> dict:
         """The settings that change the result (a rebuild with others needs --fresh)."""
         d = asdict(self)
-        for key in ("checkpoint_every", "work_dir", "db", "batch_size"):
+        for key in ("checkpoint_every", "embed_chunk", "work_dir", "db"):
             d.pop(key)
         if self.llm is None:
             d.pop("llm")  # offline builds keep their identity (and config.json) unchanged
@@ -131,9 +132,13 @@ class Build:
         return tqdm(total=total, initial=initial, desc=desc, unit="it", disable=not self.progress, dynamic_ncols=True)
 
     def check_config(self) -> None:
-        """Refuse to mix a build folder with different settings."""
+        """Refuse to mix a build folder with different settings.
+
+        The settings are recorded once the corpus stage succeeds, so a first run that
+        fails on a bad option leaves nothing to conflict with."""
         path = self.root / "config.json"
         ident = self.cfg.identity()
+        self.root.mkdir(parents=True, exist_ok=True)
         if path.exists():
             old = json.loads(path.read_text())
             if old != ident:
@@ -142,11 +147,14 @@ class Build:
                     f"{self.root} was started with other settings ({', '.join(diff)}); "
                     "re-run with the same options, or add --fresh to start over."
                 )
-        else:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(ident, indent=2))
-            os.replace(tmp, path)
+        elif (self.root / "corpus.done").exists():
+            self._record_config()
+
+    def _record_config(self) -> None:
+        path = self.root / "config.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.cfg.identity(), indent=2))
+        os.replace(tmp, path)
 
     def layer_list(self) -> list[int]:
         """The layers to describe: ``cfg.layers`` ("0,5,10-12") or all of them."""
@@ -212,6 +220,8 @@ class Build:
             hf_dataset=c.hf_dataset, seed=c.seed, progress=self.progress, n_sequences=c.n_sequences,
         )
         corpus.save(self.root / "corpus.parquet")
+        self._record_config()
+        _maybe_die("corpus", 1)
         self._corpus = corpus
         self.mark("corpus", {"n_sequences": len(corpus), "seq_len": corpus.seq_len, "corpus_hash": corpus.corpus_hash})
 
@@ -283,6 +293,7 @@ class Build:
         if not bool(merged.state.random_seen.all()):
             raise MonitorError("The shards do not cover the whole corpus; re-run the missing shards.")
         merged.save(self.root / "merged.parquet", {"num_shards": p})
+        _maybe_die("exemplars", 1)
         n_layers, n_neurons = self.lm.n_layers, self.lm.n_neurons
         qs = merged.quantiles()
         layer = np.repeat(np.arange(n_layers, dtype=np.int32), n_neurons)
@@ -385,7 +396,8 @@ class Build:
         bar.close()
         self.mark("scores", {"scorer": SCORER_ID})
 
-    def run_embeddings(self, chunk: int = 4096) -> None:
+    def run_embeddings(self) -> None:
+        chunk = self.cfg.embed_chunk
         from cache.embedder import embed, load_embedder
 
         desc = self.descriptions()
@@ -515,7 +527,11 @@ class Build:
 
     # -- driver ------------------------------------------------------------------------
     def run(self, until: str = "write") -> Path | None:
+        self.layer_list()  # a bad --layers fails now, not after the activation pass
         self.check_config()
+        started = self.root / "started"
+        if not started.exists():
+            started.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         for stage in STAGES[: STAGES.index(until) + 1]:
             if self.done(stage):
                 continue

@@ -1,0 +1,249 @@
+"""The precompute pipeline: exactness against brute force, sharding, kill-and-resume, search quality."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from engine.errors import MonitorError
+from engine.hooks import NeuronHooks
+from precompute.collect import QUANTILE_LEVELS, Collector
+from precompute.pipeline import STAGES, Build, BuildConfig
+
+from .conftest import ROOT
+
+TABLES = ("neurons", "sequences", "descriptions", "embeddings", "exemplars", "quantiles")
+ORDER = {
+    "neurons": "layer, neuron", "sequences": "seq_id", "descriptions": "layer, neuron, polarity",
+    "embeddings": "layer, neuron, polarity", "exemplars": "layer, neuron, polarity, split, rank",
+    "quantiles": "layer, neuron, q",
+}
+
+
+def tiny_args(model_dir: Path, root: Path) -> list[str]:
+    return ["--model", str(model_dir), "--profile", "tiny", "--n-sequences", "48", "--batch-size", "8",
+            "--checkpoint-every", "1", "--work-dir", str(root / "build"), "--db", str(root / "db.duckdb"), "--quiet"]
+
+
+def run_cli(*args, env_extra=None, check=True):
+    env = {**os.environ, **(env_extra or {})}
+    res = subprocess.run([sys.executable, "-m", "precompute", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}: {res.stderr[-2000:]}")
+    return res
+
+
+def db_tables(path: Path) -> dict[str, pd.DataFrame]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        out = {t: con.execute(f"SELECT * FROM {t} ORDER BY {ORDER[t]}").df() for t in TABLES}
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+    finally:
+        con.close()
+    meta.pop("build_time")
+    out["meta"] = pd.DataFrame(sorted(meta.items()), columns=["key", "value"])
+    return out
+
+
+def assert_same_db(a: Path, b: Path) -> None:
+    ta, tb = db_tables(a), db_tables(b)
+    for name in ta:
+        pd.testing.assert_frame_equal(ta[name], tb[name], check_exact=True, obj=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama_dir):
+    """An uninterrupted single-process build of the tiny model."""
+    root = tmp_path_factory.mktemp("ref")
+    run_cli("build", *tiny_args(tiny_llama_dir, root))
+    return root
+
+
+def test_kill_in_every_stage_then_resume_gives_same_database(tmp_path, tiny_llama_dir, reference):
+    """SIGKILL the build inside each stage in turn; each re-run resumes; the result is identical."""
+    args = tiny_args(tiny_llama_dir, tmp_path)
+    kills = ["corpus:1", "activations:2", "activations:4", "exemplars:1", "descriptions:1", "scores:2", "embeddings:1", "write:1"]
+    for spec in kills:
+        res = run_cli("build", *args, "--embed-chunk", "100", env_extra={"PRECOMPUTE_KILL_AT": spec}, check=False)
+        assert res.returncode == -9, f"{spec}: expected SIGKILL, got {res.returncode}: {res.stderr[-500:]}"
+    status = run_cli("status", *args).stdout
+    assert "write         missing" in status and "corpus        done" in status
+    assert not (tmp_path / "db.duckdb").exists()  # a killed write leaves no half database behind
+    run_cli("build", *args, "--embed-chunk", "100")
+    assert_same_db(tmp_path / "db.duckdb", reference / "db.duckdb")
+    # Re-running a finished build does nothing and changes nothing.
+    before = (tmp_path / "db.duckdb").stat().st_mtime_ns
+    run_cli("build", *args)
+    assert (tmp_path / "db.duckdb").stat().st_mtime_ns == before
+
+
+def test_two_processes_equal_one(tmp_path, tiny_llama_dir, reference):
+    """Shards run by two concurrent processes merge into exactly the single-process database."""
+    args = tiny_args(tiny_llama_dir, tmp_path)
+    run_cli("build", *args, "--until", "corpus")
+    procs = [subprocess.Popen([sys.executable, "-m", "precompute", "activations", *args, "--shard", str(i), "--num-shards", "2"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-1000:]
+    assert sorted(x.name for x in (tmp_path / "build" / "shards" / "2").glob("shard-?.parquet")) == ["shard-0.parquet", "shard-1.parquet"]
+    run_cli("merge", *args)
+    assert_same_db(tmp_path / "db.duckdb", reference / "db.duckdb")
+
+
+def test_exemplars_and_quantiles_match_brute_force(reference, tiny_llama_dir, tiny_lm):
+    """Recompute every activation of the corpus at once and rank/quantile it with NumPy."""
+    cfg = BuildConfig(model=str(tiny_llama_dir), profile="tiny", n_sequences=48, batch_size=8, work_dir=str(reference / "build"))
+    corpus = Build(cfg, progress=False).corpus
+    ids = torch.from_numpy(corpus.token_ids.astype(np.int64))
+    with torch.inference_mode(), NeuronHooks(tiny_lm, capture=True) as hooks:
+        tiny_lm.model.model(input_ids=ids)
+        acts = torch.cat(hooks.captured, dim=-1).numpy()  # [n_seq, T, F]
+    body = acts[:, 1:, :].astype(np.float64)  # the attention-sink token is skipped
+    n_neurons = tiny_lm.n_neurons
+    con = duckdb.connect(str(reference / "db.duckdb"), read_only=True)
+    ex = con.execute("SELECT layer, neuron, polarity, rank, seq_id, max_act FROM exemplars WHERE polarity != 0").df()
+    qs = con.execute("SELECT layer, neuron, q, value FROM quantiles").df()
+    con.close()
+    seq = np.arange(len(corpus))
+    for pol in (1, -1):
+        best = (pol * body).max(axis=1)  # [n_seq, F]
+        for f in range(acts.shape[2]):
+            order = np.lexsort((seq, -best[:, f]))[:20]  # value descending, then sequence id ascending
+            got = ex[(ex.layer == f // n_neurons) & (ex.neuron == f % n_neurons) & (ex.polarity == pol)].sort_values("rank")
+            assert got.seq_id.tolist() == order.tolist(), (pol, f)
+            np.testing.assert_allclose(got.max_act.values, pol * best[order, f], rtol=1e-5, atol=1e-6)
+    flat = body.reshape(-1, body.shape[2])
+    for q in QUANTILE_LEVELS:
+        ref = np.quantile(flat, q, axis=0)  # numpy's linear interpolation
+        got = qs[qs.q == q].sort_values(["layer", "neuron"]).value.values
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_collector_merge_is_exact_with_ties():
+    """Two halves merged equal one pass, even with an exact tie between two sequences."""
+    torch.manual_seed(0)
+    f, t, b = 50, 12, 4
+    data = torch.randn(32, t, f) * torch.rand(1, 1, f) * 3
+    data[9] = data[5]
+    one = Collector(f, t, 6, 30, random_ids=[2, 17], pool_limit=300)
+    halves = [Collector(f, t, 6, 30, random_ids=[2, 17], pool_limit=300) for _ in range(2)]
+    for i in range(8):
+        x, ids = data[i * b : (i + 1) * b], torch.arange(i * b, (i + 1) * b)
+        one.update(ids, x)
+        halves[i % 2].update(ids, x)
+    halves[0].merge(halves[1])
+    one.flush()
+    for name in ("top_vals", "top_ids", "top_acts", "ext", "random_acts"):
+        assert torch.equal(getattr(one.state, name), getattr(halves[0].state, name)), name
+    tied = one.state.top_ids[0]
+    both = (tied == 5).any(1) & (tied == 9).any(1)
+    assert both.any()  # the tie is inside some top list, with 5 (smaller id) ranked first
+    for row in torch.nonzero(both).flatten():
+        r = tied[row].tolist()
+        assert r.index(5) + 1 == r.index(9)
+
+
+def test_quantiles_need_enough_extremes():
+    """28 token values, 4 extremes kept per end: q=0.1 reads order statistic 2.7 (fine), q=0.2 reads 5.4 (not kept)."""
+    c = Collector(3, 8, 2, 4, random_ids=[])
+    x = torch.randn(4, 8, 3)
+    c.update(torch.arange(4), x)
+    got = c.quantiles((0.1,))[0.1]
+    ref = np.quantile(x[:, 1:].reshape(-1, 3).numpy().astype(np.float64), 0.1, axis=0)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="extremes"):
+        c.quantiles((0.2,))
+
+
+def test_semantic_search_matches_hand_computed_cosine(embedded_db):
+    from cache.db import open_database
+    from cache.embedder import embed
+
+    db = open_database(embedded_db)
+    q = embed(["dates in a calendar"])[0]
+    con = duckdb.connect(str(embedded_db), read_only=True)
+    rows = con.execute("SELECT layer, neuron, polarity, vec FROM embeddings").df()
+    con.close()
+    mat = np.stack(rows.vec.values).astype(np.float64)
+    sims = mat @ q.astype(np.float64) / np.linalg.norm(mat, axis=1)
+    top = np.argsort(-sims, kind="stable")[:25]
+    got = db.semantic_search(q, k=25)
+    assert list(zip(got.layer, got.neuron, got.polarity)) == [tuple(rows.iloc[i][["layer", "neuron", "polarity"]]) for i in top]
+    np.testing.assert_allclose(got.similarity.values, sims[top], atol=1e-5)
+
+
+def test_bible_query_finds_bible_neurons(embedded_db):
+    """'Bible verses' returns neurons whose top exemplars are mostly Bible text (vs ~13% of the corpus)."""
+    from cache.db import open_database
+    from cache.embedder import embed
+
+    db = open_database(embedded_db)
+    hits = db.semantic_search(embed(["Bible verses"])[0], k=20)
+    con = duckdb.connect(str(embedded_db), read_only=True)
+    shares = []
+    base = con.execute("SELECT avg((source = 'bible')::INT) FROM sequences").fetchone()[0]
+    for h in hits.itertuples():
+        src = con.execute(
+            "SELECT s.source FROM exemplars e JOIN sequences s USING (seq_id) "
+            "WHERE e.layer = ? AND e.neuron = ? AND e.polarity = ? AND e.split = 'train'",
+            [h.layer, h.neuron, h.polarity],
+        ).df().source
+        shares.append((src == "bible").mean())
+    con.close()
+    assert np.mean(shares) >= 0.5, shares
+    assert np.mean(shares) > 3 * base
+    assert hits.top_exemplar.notna().all()
+
+
+def test_database_meta_says_what_built_it(embedded_db):
+    con = duckdb.connect(str(embedded_db), read_only=True)
+    meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+    counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("descriptions", "quantiles", "neurons")}
+    summaries = con.execute("SELECT summary FROM descriptions").df().summary
+    con.close()
+    assert meta["explainer"] == "offline-v1" and meta["scorer"] == "offline-token-match-v1"
+    assert meta["model_slug"] == "smollm2-135m-instruct" and meta["n_layers"] == "30" and meta["n_neurons"] == "1536"
+    assert json.loads(meta["described_layers"]) == [0, 8, 15, 22, 29]
+    assert {s["name"] for s in json.loads(meta["corpus_sources"])} >= {"bible", "dates", "changelogs", "decimals", "code", "prose", "chat"}
+    assert counts["descriptions"] == 5 * 1536 * 2 and counts["neurons"] == 5 * 1536
+    assert counts["quantiles"] == 30 * 1536 * len(QUANTILE_LEVELS)
+    assert summaries.str.split().str.len().max() < 15
+
+
+def test_status_and_bad_options(tmp_path, tiny_llama_dir):
+    args = tiny_args(tiny_llama_dir, tmp_path)
+    out = run_cli("status", *args).stdout
+    for stage in STAGES:
+        assert f"{stage}" in out
+    assert "database:" in out and "missing" in out
+    for bad in (["--k", "0"], ["--layers", "0-99"], ["--profile", "tiny", "--files", str(tmp_path / "nope.txt")]):
+        res = run_cli("build", *args, *bad, check=False)
+        assert res.returncode == 2, (bad, res.stderr)
+        lines = [l for l in res.stderr.strip().splitlines() if l.strip() and "it/s" not in l and "%|" not in l]
+        assert len(lines) == 1 and lines[-1].startswith("error: "), res.stderr
+    # A different setting on the same folder is refused with the way out.
+    run_cli("build", *args, "--until", "corpus")
+    res = run_cli("build", *args, "--seed", "3", check=False)
+    assert res.returncode == 2 and "--fresh" in res.stderr
+
+
+def test_missing_shard_merge_message(tmp_path, tiny_llama_dir):
+    args = tiny_args(tiny_llama_dir, tmp_path)
+    res = run_cli("merge", *args, check=False)
+    assert res.returncode == 2 and "shards" in res.stderr
+
+
+def test_build_refuses_unknown_model(tmp_path):
+    b = Build(BuildConfig(model=str(tmp_path / "nowhere"), work_dir=str(tmp_path / "w")), progress=False)
+    with pytest.raises(MonitorError, match="Unknown model"):
+        b.run()
