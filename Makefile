@@ -8,6 +8,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
+PORT ?= 8501
+
 .PHONY: setup browser test demo trace build clean-cache bench
 
 $(STAMP): requirements.txt requirements-nodeps.txt
@@ -34,8 +36,20 @@ test: setup browser
 trace: setup
 	$(PY) -m engine trace --model $(MODEL) --prompt "Which is bigger: 9.8 or 9.11?" --top 20 --generate 24
 
-## demo: set up, then run the main job
-demo: setup trace
+## build: the neuron database for $(MODEL) (skips finished stages; resumes a killed build)
+build: setup
+	$(PY) -m precompute build --model $(MODEL)
 
+## demo: set up, build the database if missing, open the dashboard on http://localhost:$(PORT)
+demo: build
+	$(PY) -m streamlit run dashboard/app.py --server.port $(PORT)
+
+## bench: every benchmark, JSON on stdout
 bench: setup
 	$(PY) -m benchmarks.trace --json
+	$(PY) -m benchmarks.precompute --json
+	$(PY) -m benchmarks.dashboard --json
+	$(PY) -m benchmarks.steering --json
+
+clean-cache:
+	rm -rf cache/build cache/*.duckdb cache/*.duckdb.tmp
