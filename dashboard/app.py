@@ -1,0 +1,73 @@
+"""Entry point: ``streamlit run dashboard/app.py``. Page registry and navigation.
+
+Add a page by appending a :class:`PageSpec` to :data:`PAGES` (under an existing or a new
+section); it gets a URL path, an entry in the sidebar and ``st.page_link`` support. Pages read
+shared state through :mod:`dashboard.state`; panels on the chat page register in
+:mod:`dashboard.panels`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts only dashboard/ on the path
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import streamlit as st  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    path: str  # relative to dashboard/
+    title: str
+    icon: str
+    url_path: str | None = None  # None for the default page (served at "/")
+    default: bool = False
+
+
+# The page registry: section → pages. Issue 5's panels add pages here (e.g. "Experiments").
+PAGES: dict[str, list[PageSpec]] = {
+    "Monitor": [
+        PageSpec("pages/chat.py", "Chat and trace", ":material/forum:", default=True),
+        PageSpec("pages/neuron.py", "Neuron", ":material/neurology:", url_path="neuron"),
+        PageSpec("pages/browse.py", "Database browser", ":material/manage_search:", url_path="browse"),
+    ],
+    "System": [
+        PageSpec("pages/about.py", "About / status", ":material/info:", url_path="about"),
+    ],
+}
+
+
+def build_navigation() -> dict[str, list]:
+    nav: dict[str, list] = {}
+    for section, specs in PAGES.items():
+        nav[section] = [
+            st.Page(str(HERE / s.path), title=s.title, icon=s.icon, default=s.default,
+                    **({"url_path": s.url_path} if s.url_path else {}))
+            for s in specs
+        ]
+    return nav
+
+
+def main() -> None:
+    st.set_page_config(page_title="Neuron Monitor", page_icon=":material/neurology:", layout="wide",
+                       initial_sidebar_state="expanded")
+    page = st.navigation(build_navigation(), position="sidebar")
+    from dashboard.state import get_config
+
+    cfg = get_config()
+    with st.sidebar:
+        st.caption(f"Model `{cfg.model}` · database `{cfg.db_path.name}`")
+    page.run()
+
+
+main()

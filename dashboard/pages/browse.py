@@ -1,0 +1,186 @@
+"""Database browser: semantic and keyword search over neuron descriptions, filters, a chart, CSV/Parquet export.
+
+The view lives in the URL (``?q=…&mode=…&layers=lo-hi&pol=…&min_score=…&k=…``): opening a link
+reproduces it, and every change writes the URL back through ``st.query_params``.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from urllib.parse import urlencode
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts, state
+from engine.errors import MonitorError
+
+MODES = ["semantic", "keyword"]
+POLARITIES = ["both", "positive", "negative"]
+K_MAX = 500
+DEFAULT_K = 50
+NO_MIN = -1.0  # the min-score slider's "no filter" end
+
+st.title("Database browser")
+st.caption("Find neurons by what their descriptions say. Semantic search embeds your text and ranks descriptions by "
+           "cosine similarity; keyword search matches the text literally.")
+
+res = state.resources(load_model=False)
+db = res.dbr.db
+if db is None:
+    st.error(res.dbr.error or "No neuron database is loaded.")
+    st.markdown("Build it with:")
+    st.code(state.build_command(res.cfg.model), language="bash")
+    st.stop()
+
+L = db.n_layers
+DEFAULTS = {"q": "", "mode": MODES[0], "layers": (0, L - 1), "pol": POLARITIES[0], "min_score": NO_MIN, "k": DEFAULT_K}
+
+
+def _parse_url() -> tuple[dict, list[str]]:
+    """The view the URL asks for (only the keys it has) and a warning per ignored value."""
+    qp, out, bad = st.query_params, {}, []
+    if "q" in qp:
+        out["q"] = str(qp.get("q"))[:500]
+    if "mode" in qp:
+        if qp.get("mode") in MODES:
+            out["mode"] = qp.get("mode")
+        else:
+            bad.append(f"mode={qp.get('mode')!r} (use semantic or keyword)")
+    if "layers" in qp:
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(qp.get("layers")))
+        if m and 0 <= int(m[1]) <= int(m[2]) < L:
+            out["layers"] = (int(m[1]), int(m[2]))
+        else:
+            bad.append(f"layers={qp.get('layers')!r} (use lo-hi within 0-{L - 1})")
+    if "pol" in qp:
+        p = str(qp.get("pol")).strip().lower()
+        p = {"+1": "positive", "1": "positive", "-1": "negative", "pos": "positive", "neg": "negative"}.get(p, p)
+        if p in POLARITIES:
+            out["pol"] = p
+        else:
+            bad.append(f"pol={qp.get('pol')!r} (use both, positive or negative)")
+    if "min_score" in qp:
+        try:
+            v = float(qp.get("min_score"))
+            if not -1.0 <= v <= 1.0:
+                raise ValueError
+            out["min_score"] = round(v, 2)
+        except (TypeError, ValueError):
+            bad.append(f"min_score={qp.get('min_score')!r} (use a number from -1 to 1)")
+    if "k" in qp:
+        try:
+            v = int(qp.get("k"))
+            if not 1 <= v <= K_MAX:
+                raise ValueError
+            out["k"] = v
+        except (TypeError, ValueError):
+            bad.append(f"k={qp.get('k')!r} (use a whole number from 1 to {K_MAX})")
+    return out, bad
+
+
+def _to_url(view: dict) -> dict:
+    """Query parameters of a view, defaults left out."""
+    out = {}
+    for key, value in view.items():
+        if value == DEFAULTS[key]:
+            continue
+        out[key] = f"{value[0]}-{value[1]}" if key == "layers" else (f"{value:g}" if key == "min_score" else str(value))
+    return out
+
+
+url_view, url_problems = _parse_url()
+snapshot = st.session_state.get("_browse_url")
+if url_view or url_problems:
+    if _to_url({**DEFAULTS, **url_view}) != snapshot:  # a new link (or an edited address): it wins
+        for key in DEFAULTS:
+            state.set_widget(f"browse_{key}", url_view.get(key, DEFAULTS[key]))
+for problem in url_problems:
+    st.warning(f"Ignored {problem} in the address.")
+
+c1, c2 = st.columns([4, 1])
+q = c1.text_input("Search", key=state.widget_key("browse_q", ""), max_chars=500,
+                  placeholder="A concept, e.g. “Bible verses”, “dates”, “decimal numbers”")
+state.remember("browse_q")
+mode = c2.radio("Search by", MODES, key=state.widget_key("browse_mode", MODES[0]), horizontal=True)
+state.remember("browse_mode")
+f1, f2, f3, f4 = st.columns([2, 1.2, 1.5, 1])
+layers = f1.slider("Layers", 0, L - 1, key=state.widget_key("browse_layers", (0, L - 1)))
+state.remember("browse_layers")
+pol = f2.selectbox("Polarity", POLARITIES, key=state.widget_key("browse_pol", POLARITIES[0]))
+state.remember("browse_pol")
+min_score = f3.slider("Min score", -1.0, 1.0, step=0.05, key=state.widget_key("browse_min_score", NO_MIN),
+                      help="Description score (simulation correlation). −1 means no filter; unscored descriptions "
+                           "are dropped by any other value.")
+state.remember("browse_min_score")
+k = f4.number_input("Results", 1, K_MAX, step=10, key=state.widget_key("browse_k", DEFAULT_K))
+state.remember("browse_k")
+
+view = {"q": q, "mode": mode, "layers": tuple(int(x) for x in layers), "pol": pol, "min_score": round(float(min_score), 2),
+        "k": int(k)}
+params = _to_url(view)
+if params != {key: str(v) for key, v in st.query_params.to_dict().items()}:
+    st.query_params.from_dict(params)
+st.session_state["_browse_url"] = params
+described = state.described_layers(db)
+st.caption((f"Link to this view: `?{urlencode(params)}`" if params else "Link to this view: this page's address.")
+           + (f" · This database describes layers {', '.join(map(str, described))}." if described else ""))
+
+if not q.strip():
+    st.info("Type a concept or a keyword to search the descriptions.")
+    st.stop()
+
+polarity = {"both": None, "positive": 1, "negative": -1}[pol]
+layer_range = None if tuple(layers) == (0, L - 1) else tuple(layers)
+min_s = None if min_score <= NO_MIN else float(min_score)
+
+
+def _search() -> pd.DataFrame:
+    if mode == "semantic":
+        vec = state.embed_query(q)
+        return db.semantic_search(vec, k=int(k), layer_range=layer_range, polarity=polarity, min_score=min_s)
+    return db.keyword_search(q, k=int(k), layer_range=layer_range, polarity=polarity, min_score=min_s)
+
+
+try:
+    with st.spinner("Searching…"):
+        results = state.session_memo("browse", (res.dbr.stamp, q, mode, layer_range, polarity, min_s, int(k)), _search, 6)
+except MonitorError as err:
+    st.error(str(err))
+    st.stop()
+
+if results.empty:
+    st.warning(f"No description matches “{q}” with these filters." if mode == "keyword"
+               else "No descriptions pass these filters.")
+    st.stop()
+
+results = results.copy()
+results["url"] = [state.neuron_url(l, n) for l, n in zip(results["layer"], results["neuron"])]
+shown = results.assign(polarity=[charts.polarity_name(p) for p in results["polarity"]])
+st.markdown(f"**{len(results)}** result{'s' if len(results) != 1 else ''} for “{q}” ({mode})")
+cols = ["layer", "neuron", "polarity", "similarity", "score", "summary", "description", "url"]
+if mode == "keyword":
+    cols.remove("similarity")
+st.dataframe(shown[cols], hide_index=True, key="browse_results", height=420,
+             column_config={"similarity": st.column_config.NumberColumn(format="%.3f", width="small"),
+                            "score": st.column_config.NumberColumn(format="%.2f", width="small"),
+                            "layer": st.column_config.NumberColumn(width="small"),
+                            "neuron": st.column_config.NumberColumn(width="small"),
+                            "summary": st.column_config.TextColumn(width="medium"),
+                            "description": st.column_config.TextColumn(width="large"),
+                            "url": st.column_config.LinkColumn("neuron page", display_text="open ↗", width="small")})
+
+st.subheader("Where the results sit")
+st.altair_chart(charts.search_scatter(results, L), key="browse_chart")
+
+export = results.drop(columns=["url"])
+slug = re.sub(r"[^a-z0-9]+", "-", q.lower()).strip("-")[:40] or "results"
+buf = io.BytesIO()
+export.to_parquet(buf, index=False)
+d1, d2, _ = st.columns([1, 1, 3])
+d1.download_button("Download CSV", export.to_csv(index=False).encode("utf-8"), file_name=f"neurons-{slug}.csv",
+                   mime="text/csv", icon=":material/download:", key="export_csv", on_click="ignore")
+d2.download_button("Download Parquet", buf.getvalue(), file_name=f"neurons-{slug}.parquet",
+                   mime="application/vnd.apache.parquet", icon=":material/download:", key="export_parquet",
+                   on_click="ignore")

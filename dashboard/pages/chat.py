@@ -1,0 +1,413 @@
+"""Chat and trace (the main page): chat with the model, then see which neurons matter and what they mean.
+
+Flow of one run: read the chat input → validate → stream a reply → trace the conversation
+(memoised per conversation and target in :mod:`dashboard.state`) → rank neurons by
+activation (÷ extreme quantile) or attribution to the selected target token → join against
+the database → table, heatmap, bar chart and the tokens coloured by the inspected neuron.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts, ranking, state
+from dashboard.panels import CHAT_PANELS, ChatContext
+from engine.errors import MonitorError
+
+MODES = ["Activation", "Attribution"]
+HEAT_METRICS = ["summed |value|", "count over threshold"]
+OBJECTIVES = {"logprob": "log p(target)", "prob": "p(target)"}
+
+# `/?layer=L&neuron=N` is the neuron page's address too: send it there.
+_qp = st.query_params
+if "layer" in _qp and "neuron" in _qp:
+    st.switch_page(state.PAGE_NEURON, query_params={"layer": _qp.get("layer"), "neuron": _qp.get("neuron")})
+
+res = state.resources()
+lm = res.lm
+msgs = state.messages()
+
+
+# --------------------------------------------------------------------------- callbacks
+def _clear() -> None:
+    st.session_state["messages"] = []
+    st.session_state.pop("_pending", None)
+    st.session_state.pop("_target_conv", None)
+
+
+def _regenerate() -> None:
+    m = st.session_state.get("messages", [])
+    if m and m[-1]["role"] == "assistant":
+        m.pop()
+    if m and m[-1]["role"] == "user":
+        st.session_state["_pending"] = True
+
+
+def _on_token_click() -> None:
+    event = st.session_state.get("token_chart")
+    try:
+        picked = event.selection[charts.TOKEN_SELECTION] if event else None
+    except (KeyError, AttributeError, TypeError):
+        picked = None
+    if picked:
+        pos = picked[0].get("pos") if isinstance(picked, list) else None
+        if pos is not None:
+            state.set_widget("target", int(pos))
+
+
+def _on_row_select() -> None:
+    event = st.session_state.get("neuron_table")
+    ids = st.session_state.get("_table_ids", [])
+    try:
+        rows = event.selection.rows if event else []
+    except AttributeError:
+        rows = []
+    if rows and rows[0] < len(ids):
+        state.set_widget("inspect", ids[rows[0]])
+
+
+# --------------------------------------------------------------------------- sidebar: chat settings
+with st.sidebar:
+    st.subheader("Chat")
+    st.text_area("System prompt", key=state.widget_key("system_prompt", ""), height=90,
+                 placeholder="Optional, e.g. “You are a careful math tutor.”",
+                 help="Sent as the first message; empty uses the model's default template.")
+    state.remember("system_prompt")
+    st.slider("Temperature", 0.0, 1.5, step=0.05, key=state.widget_key("temperature", state.DEFAULT_TEMPERATURE),
+              help="0 is greedy decoding; higher samples more freely.")
+    state.remember("temperature")
+    st.slider("Max new tokens", 1, 512, key=state.widget_key("max_new_tokens", state.DEFAULT_MAX_NEW_TOKENS))
+    state.remember("max_new_tokens")
+    chat_buttons = st.container()  # filled once this run's message is handled
+
+
+# --------------------------------------------------------------------------- input
+prompt = st.chat_input("Message the model…", key="chat_input", disabled=lm is None)
+notice: tuple[str, str] | None = None
+if prompt is not None:
+    text = prompt if isinstance(prompt, str) else getattr(prompt, "text", "") or ""
+    if not text.strip():
+        notice = ("warning", "The message is empty: type something before sending.")
+    elif len(text) > res.cfg.max_message_chars:
+        notice = ("warning", f"The message is {len(text):,} characters long; the limit is "
+                             f"{res.cfg.max_message_chars:,} (MONITOR_MAX_MESSAGE_CHARS). Shorten it and send again.")
+    else:
+        msgs.append({"role": "user", "content": text})
+        st.session_state["_pending"] = True
+
+st.title("Chat and trace")
+st.caption("Chat with the model, pick a token, and see which MLP neurons fire beyond their usual extremes "
+           "or push that token — joined with the neuron database's descriptions.")
+for problem in res.cfg.problems:
+    st.warning(problem)
+if res.model.error:
+    st.error(f"The model could not be loaded, so chat and tracing are off: {res.model.error}")
+    st.page_link(state.PAGE_BROWSE, label="The database browser still works", icon=":material/manage_search:")
+if res.dbr.error and lm is not None:
+    st.warning(f"{res.dbr.error} Until then chat and tracing work, but values are raw activations "
+               "(not normalised by quantiles) and no descriptions are shown.")
+elif res.mismatch:
+    st.warning(res.mismatch)
+
+chat_col, token_col = st.columns([3, 2], gap="large")
+
+# --------------------------------------------------------------------------- the conversation
+with chat_col:
+    box = st.container(height=360, border=True)
+    with box:
+        if not msgs:
+            st.caption("No messages yet. Try “Which is bigger: 9.8 or 9.11?”")
+        for m in msgs:
+            with st.chat_message(m["role"]):
+                st.markdown(m["content"] if m["content"].strip() else "_(empty reply)_")
+    if notice:
+        getattr(st, notice[0])(notice[1])
+
+    if st.session_state.pop("_pending", False) and lm is not None and msgs and msgs[-1]["role"] == "user":
+        import time
+
+        from engine.generate import generate
+
+        seed = int(st.session_state.get("gen_seed", 0))
+        st.session_state["gen_seed"] = seed + 1
+        with box:
+            with st.chat_message("assistant"):
+                placeholder = st.empty()
+                placeholder.markdown("…")
+                pieces: list[str] = []
+
+                def _on_token(piece: str) -> None:
+                    pieces.append(piece)
+                    placeholder.markdown("".join(pieces) + " ▌")
+
+                t0 = time.perf_counter()
+                try:
+                    gen = generate(lm, state.chat_for_model(), max_new_tokens=int(st.session_state["max_new_tokens"]),
+                                   temperature=float(st.session_state["temperature"]), seed=seed, on_token=_on_token)
+                except MonitorError as err:
+                    gen = None
+                    placeholder.empty()
+                    msgs.pop()
+                    st.error(f"{err} (The message was not added.)")
+                if gen is not None:
+                    state.timings().update(generate_s=time.perf_counter() - t0, generated_tokens=len(gen.token_ids))
+                    placeholder.markdown(gen.text if gen.text.strip() else "_(empty reply)_")
+                    msgs.append({"role": "assistant", "content": gen.text})
+
+with chat_buttons:
+    b1, b2 = st.columns(2)
+    b1.button("Regenerate", icon=":material/refresh:", on_click=_regenerate, key="regenerate",
+              disabled=lm is None or not msgs, width="stretch", help="Sample the last reply again.")
+    b2.button("Clear", icon=":material/delete_sweep:", on_click=_clear, key="clear", disabled=not msgs,
+              width="stretch", help="Start a new conversation.")
+
+target_box = token_col.container()
+strip_box = st.container()
+
+# --------------------------------------------------------------------------- the trace
+rows_shown = pd.DataFrame()
+if lm is None or not state.has_conversation():
+    with token_col:
+        st.info("Send a message: every token of the conversation appears here. Click a token (or pick it) to "
+                "make it the target; hover to see the model's top-5 next tokens.")
+    st.stop()
+
+chat = state.chat_for_model()
+try:
+    fwd = state.get_trace(lm, chat)
+except MonitorError as err:
+    token_col.error(str(err))
+    st.stop()
+tokens = fwd.tokens
+n_tok = len(tokens)
+conv = state.conversation_key(chat)
+
+# Target: defaults to the first token of the last reply (or the last token), reset per conversation.
+if st.session_state.get("_target_conv") != conv:
+    st.session_state["_target_conv"] = conv
+    last = fwd.rendered.message_spans[-1] if fwd.rendered.message_spans else (n_tok - 1, n_tok)
+    default_target = last[0] if chat[-1]["role"] == "assistant" and last[1] > last[0] else n_tok - 1
+    state.set_widget("target", int(min(max(default_target, 1), n_tok - 1)))
+if not 0 <= int(st.session_state.get("w_target", st.session_state.get("target", 1)) or 0) < n_tok:
+    state.set_widget("target", n_tok - 1)
+
+st.divider()
+c_mode, c_a, c_b, c_c = st.columns([1.3, 1.6, 1.4, 1.4], gap="medium")
+with c_mode:
+    mode = st.segmented_control("Mode", MODES, key=state.widget_key("mode", MODES[0]), required=True,
+                                help="Activation: how far each neuron fires beyond its usual extremes. "
+                                     "Attribution: how much each neuron pushes the target token.")
+    state.remember("mode")
+    mode = mode or MODES[0]
+with c_b:
+    skip_sink = st.toggle("Exclude token 0 (attention sink)", key=state.widget_key("skip_sink", True),
+                          help="A few neurons reach |a| ≈ 3,000 on the first token; leave it out of rankings.")
+    state.remember("skip_sink")
+with c_c:
+    heat_metric = st.radio("Heatmap shows", HEAT_METRICS, key=state.widget_key("heat_metric", HEAT_METRICS[0]),
+                           horizontal=False)
+    state.remember("heat_metric")
+
+scales = state.get_scales(res)
+tkey = state.trace_key(lm, chat, None)
+target = int(st.session_state.get("w_target") or 0)
+value_title = "value"
+with c_a:
+    if mode == "Activation":
+        label = "Threshold: |value ÷ extreme quantile| ≥" if scales is not None else "Threshold: |raw activation| ≥"
+        default_thr = 1.0 if scales is not None else 5.0
+        wk = state.widget_key("threshold" if scales is not None else "threshold_raw", default_thr)
+        threshold = st.slider(label, 0.0, 5.0 if scales is not None else 100.0, step=0.05 if scales is not None else 0.5,
+                              key=wk, help="1.0 = at the database's most extreme stored quantile "
+                                           "(1 − 1e-5 for positive values, 1e-5 for negative).")
+        state.remember("threshold" if scales is not None else "threshold_raw")
+        value_title = "activation ÷ extreme quantile" if scales is not None else "raw activation"
+    else:
+        objective = st.radio("Attribution objective", list(OBJECTIVES), format_func=OBJECTIVES.get, horizontal=True,
+                             key=state.widget_key("objective", "logprob"),
+                             help="activation × ∂objective/∂activation, total derivative through later layers.")
+        state.remember("objective")
+        value_title = f"attribution to {OBJECTIVES[objective]}"
+
+# --------------------------------------------------------------------------- rank
+heat = None
+note = ""
+if mode == "Activation":
+    norm = state.session_memo("norm", (tkey, scales is not None), lambda: ranking.normalise(fwd.activations, scales), 2)
+    rows, total = state.session_memo("act_rows", (tkey, scales is not None, threshold, skip_sink),
+                                     lambda: ranking.activation_rows(norm, fwd.activations, threshold, skip_sink))
+    heat = state.session_memo("act_heat", (tkey, scales is not None, threshold, skip_sink),
+                              lambda: ranking.activation_heatmap(norm, threshold, skip_sink))
+    note = (f"**{total:,}** neurons reach |{value_title}| ≥ {threshold:g}"
+            + (f" (showing the strongest {len(rows):,})" if total > len(rows) else "")
+            + (" · token 0 excluded" if skip_sink else "") + ". One row per neuron, at its most extreme token.")
+    target_trace = fwd
+else:
+    if target < 1:
+        st.info("Token 0 has nothing before it to predict it: pick another target token to attribute to.")
+        st.stop()
+    try:
+        target_trace = state.get_trace(lm, chat, target)
+    except MonitorError as err:
+        st.error(str(err))
+        st.stop()
+    akey = state.trace_key(lm, chat, target)
+    attr = ranking.attribution_values(target_trace, objective)
+    rows = state.session_memo("attr_rows", (akey, objective, skip_sink),
+                              lambda: ranking.attribution_rows(attr, target_trace.activations, state.ATTRIBUTION_TOP_K,
+                                                               skip_sink))
+    heat = state.session_memo("attr_heat", (akey, objective, skip_sink),
+                              lambda: ranking.attribution_heatmap(attr, rows, skip_sink))
+    note = (f"Target token **{target}** `{state.show_token(tokens[target])}`: p = {target_trace.target_prob:.3f} given "
+            f"the tokens before it. Top **{len(rows):,}** (layer, token, neuron) cells by |attribution|"
+            + (" · token 0 excluded" if skip_sink else "") + ".")
+
+desc = state.describe(res, zip(rows["layer"], rows["neuron"]))
+table = ranking.join_descriptions(rows, desc)
+described = state.described_layers(res.db)
+if res.db is None:
+    missing_text = "no database loaded"
+else:
+    missing_text = "not described"
+table["described"] = table["description"].notna()
+table["description"] = table["description"].fillna(missing_text)
+table["summary"] = table["summary"].fillna(missing_text)
+table["token"] = [state.token_label(i, tokens[i]) for i in table["token_index"]]
+table["polarity_name"] = [charts.polarity_name(p) for p in table["polarity"]]
+table["url"] = [state.neuron_url(l, n) for l, n in zip(table["layer"], table["neuron"])]
+table["id"] = [f"{l}/{n}" for l, n in zip(table["layer"], table["neuron"])]
+
+st.markdown(note)
+fc1, fc3, fc2 = st.columns([3, 1.2, 1.2])
+only_described = fc3.toggle("Only described neurons", key=state.widget_key("only_described", False),
+                            disabled=res.db is None, help="Hide neurons whose layer the database does not describe.")
+state.remember("only_described")
+keyword = fc1.text_input("Filter rows by keyword", key=state.widget_key("table_filter", ""),
+                         placeholder="e.g. bible, date, decimal — matches description, summary or token")
+state.remember("table_filter")
+top_n = fc2.slider("Bars in the chart", 5, 50, key=state.widget_key("top_n", 20))
+state.remember("top_n")
+shown = ranking.keyword_filter(table[table["described"]] if only_described and res.db is not None else table,
+                                keyword)
+if keyword and shown.empty:
+    st.warning(f"No row matches “{keyword}”.")
+
+st.session_state["_table_ids"] = list(shown["id"])
+st.dataframe(
+    shown[["layer", "neuron", "polarity_name", "token", "value", "activation", "description", "score", "url"]]
+    .rename(columns={"polarity_name": "polarity"}),
+    hide_index=True, height=380, key="neuron_table", on_select=_on_row_select, selection_mode="single-row",
+    column_config={
+        "layer": st.column_config.NumberColumn("layer", width="small"),
+        "neuron": st.column_config.NumberColumn("neuron", width="small"),
+        "polarity": st.column_config.TextColumn("polarity", width="small"),
+        "token": st.column_config.TextColumn("token", width="small"),
+        "value": st.column_config.NumberColumn(value_title, format="%.3g", width="small"),
+        "activation": st.column_config.NumberColumn("raw activation", format="%.3g", width="small"),
+        "description": st.column_config.TextColumn("description", width="large",
+                                                   help="The database's description for this polarity (hover a cell "
+                                                        "for the full text; the inspector below shows both)."),
+        "score": st.column_config.NumberColumn("score", format="%.2f", width="small",
+                                               help="Simulation score of the description (correlation)."),
+        "url": st.column_config.LinkColumn("neuron page", display_text="open ↗", width="small"),
+    },
+)
+rows_shown = shown
+
+hc, bc = st.columns([3, 2], gap="large")
+with hc:
+    st.subheader("Layer × token")
+    if heat is not None and len(heat):
+        field = "sum_abs" if heat_metric == HEAT_METRICS[0] else "count"
+        title = f"Σ |{value_title}|" if field == "sum_abs" else ("neurons over threshold" if mode == "Activation"
+                                                               else "top cells")
+        if (heat[field] > 0).any():
+            st.altair_chart(charts.heatmap(heat, tokens, field, title, lm.n_layers), key="heatmap")
+        else:
+            st.caption("Nothing over the threshold.")
+with bc:
+    st.subheader(f"Top {min(top_n, len(shown))} neurons")
+    if len(shown):
+        st.altair_chart(charts.top_bar(shown, top_n, value_title), key="top_bar")
+    else:
+        st.caption("No neurons to show: lower the threshold or clear the filter.")
+
+# --------------------------------------------------------------------------- the inspected neuron
+st.subheader("Inspect a neuron")
+inspect_ids = list(dict.fromkeys(shown["id"].head(300)))
+inspected = None
+if inspect_ids:
+    if st.session_state.get("w_inspect") not in inspect_ids:
+        state.set_widget("inspect", inspect_ids[0])
+    labels = {r.id: f"L{r.layer}/N{r.neuron} · {r.polarity_name} · {r.token} · {r.summary}"[:120]
+              for r in shown.head(300).itertuples()}
+    ic1, ic2 = st.columns([3, 1])
+    pick = ic1.selectbox("Neuron (or click a table row)", inspect_ids, format_func=lambda i: labels.get(i, i),
+                         key=state.widget_key("inspect", inspect_ids[0]))
+    state.remember("inspect")
+    layer_i, neuron_i = (int(x) for x in pick.split("/"))
+    inspected = (layer_i, neuron_i)
+    with ic2:
+        st.write("")
+        st.page_link(state.PAGE_NEURON, label=f"Open neuron L{layer_i}/N{neuron_i}", icon=":material/open_in_new:",
+                     query_params=state.neuron_query(layer_i, neuron_i))
+    d = describe_row = state.describe(res, [(layer_i, neuron_i)]).iloc[0]
+    dc1, dc2 = st.columns(2)
+    for col, pol, name in ((dc1, "pos", "Positive"), (dc2, "neg", "Negative")):
+        with col:
+            text = d[f"description_{pol}"]
+            score = d[f"score_{pol}"]
+            if isinstance(text, str) and text:
+                st.markdown(f"**{name}** · score {score:.2f}" if pd.notna(score) else f"**{name}** · unscored")
+                st.markdown(f"> {text}")
+            else:
+                st.markdown(f"**{name}** · _{missing_text}_")
+else:
+    st.caption("No neuron to inspect.")
+
+# --------------------------------------------------------------------------- target (top right) and tokens
+with target_box:
+    st.subheader("Target token")
+    target = st.selectbox("Target token", list(range(n_tok)), format_func=lambda i: state.token_label(i, tokens[i]),
+                          key=state.widget_key("target", n_tok - 1), label_visibility="collapsed",
+                          help="The token to attribute to, and whose next-token probabilities are shown.")
+    state.remember("target")
+    p = fwd.next_token_prob[target]
+    st.markdown(f"p(token {target} | tokens before) = **{p:.3f}**" if p is not None
+                else "Token 0 has no prediction before it.")
+    st.markdown(f"**Top-5 next tokens after token {target}**")
+    top5 = pd.DataFrame(fwd.top_next[target], columns=["next token", "probability"])
+    top5["next token"] = [repr(state.show_token(t)) for t in top5["next token"]]
+    st.dataframe(top5, hide_index=True, key="top5", width="stretch",
+                 column_config={"probability": st.column_config.ProgressColumn(
+                     "probability", min_value=0.0, max_value=1.0, format="%.3f")})
+
+with strip_box:
+    vals = None
+    vtitle = "activation"
+    if inspected is not None:
+        a = fwd.activations[inspected[0], :, inspected[1]]
+        if scales is not None:
+            s_pos, s_neg = scales[0][inspected], scales[1][inspected]
+            vals = [float(x / s_pos) if x >= 0 else float(x / s_neg) for x in a.tolist()]
+            vtitle = f"L{inspected[0]}/N{inspected[1]} ÷ quantile"
+        else:
+            vals = a.tolist()
+            vtitle = f"L{inspected[0]}/N{inspected[1]} raw"
+    st.markdown("**Tokens** · click one to make it the target (outlined in orange); hover for the top-5 next tokens"
+                + (f" · coloured by the inspected neuron **L{inspected[0]}/N{inspected[1]}** (red positive, "
+                   "blue negative)" if inspected is not None else ""))
+    st.altair_chart(charts.token_chart(tokens, fwd.top_next, fwd.next_token_prob, vals, vtitle, target),
+                    key="token_chart", on_select=_on_token_click, selection_mode=charts.TOKEN_SELECTION,
+                    width="content")
+
+# --------------------------------------------------------------------------- extension panels (issue 5)
+ctx = ChatContext(res=res, chat=chat, trace=target_trace, mode=mode, target=target if mode == "Attribution" else None,
+                  rows=rows_shown)
+for panel in CHAT_PANELS:
+    with st.expander(panel.title, expanded=panel.expanded):
+        try:
+            panel.render(ctx)
+        except MonitorError as err:
+            st.error(str(err))
