@@ -17,6 +17,8 @@ from .highlight import NEG_HEX, POS_HEX
 POLARITY_DOMAIN = ["positive", "negative"]
 POLARITY_RANGE = [POS_HEX, NEG_HEX]
 TARGET_HEX = "#f0a202"
+TEXT_LIGHT_THEME = "#31333f"  # Streamlit's text colours
+TEXT_DARK_THEME = "#fafafa"
 TOKEN_SELECTION = "tok"  # name of the click selection on the token chart
 
 # Token chart layout, in pixels: a monospace grid that wraps like text.
@@ -51,17 +53,18 @@ def token_layout(tokens: Sequence[str], line_width: float = _LINE_W) -> pd.DataF
 
 def token_chart(tokens: Sequence[str], top_next: Sequence[Sequence[tuple[str, float]]] | None = None,
                 token_prob: Sequence[float | None] | None = None, values: Sequence[float] | None = None,
-                value_title: str = "activation", target: int | None = None) -> alt.LayerChart:
+                value_title: str = "activation", target: int | None = None, dark: bool = False) -> alt.LayerChart:
     """The conversation's tokens as a wrapped, clickable grid.
 
     Fill: ``values`` (the selected neuron's activation, red positive / blue negative, opacity
-    ∝ |value| / max |value|); none when ``values`` is None. The ``target`` token is outlined in
+    ∝ |value| / max |value|); none when ``values`` is None. Text takes the theme's text colour
+    (``dark``: Vega draws text black unless told). The ``target`` token is outlined in
     orange. Hover shows the token, p(token | prefix) and the top-5 next tokens after it; a click
     selects the token (selection ``tok``, field ``pos``).
     """
     df = token_layout(tokens)
     n = len(df)
-    df["p"] = [None if token_prob is None or token_prob[i] is None else round(float(token_prob[i]), 4)
+    df["p"] = ["–" if token_prob is None or token_prob[i] is None else f"{float(token_prob[i]):.3f}"
                for i in range(n)]
     df["next5"] = ["  ·  ".join(f"{_show(t)!r} {p:.2f}" for t, p in (top_next[i] if top_next else [])) or "–"
                    for i in range(n)]
@@ -77,7 +80,7 @@ def token_chart(tokens: Sequence[str], top_next: Sequence[Sequence[tuple[str, fl
     xs = alt.Scale(domain=[0, width], range=[0, width], nice=False, zero=False)
     ys = alt.Scale(domain=[0, height], range=[0, height], nice=False, zero=False)
     sel = alt.selection_point(name=TOKEN_SELECTION, fields=["pos"], on="click", empty=False)
-    tooltip = [alt.Tooltip("label:N", title="token"), alt.Tooltip("p:Q", title="p(token | before)", format=".3f"),
+    tooltip = [alt.Tooltip("label:N", title="token"), alt.Tooltip("p:N", title="p(token | before)"),
                alt.Tooltip("next5:N", title="top-5 next tokens")]
     if values is not None:
         tooltip.append(alt.Tooltip("value:Q", title=value_title, format="+.3f"))
@@ -91,7 +94,8 @@ def token_chart(tokens: Sequence[str], top_next: Sequence[Sequence[tuple[str, fl
         strokeWidth=alt.condition("datum.is_target", alt.value(2.5), alt.value(0.6)),
     ).add_params(sel)
     text = base.mark_text(align="left", baseline="middle", dx=_PAD / 2, dy=(_ROW_H - 4) / 2,
-                          font="monospace", fontSize=12, cursor="pointer").encode(text="text:N")
+                          font="monospace", fontSize=12, cursor="pointer",
+                          color=TEXT_DARK_THEME if dark else TEXT_LIGHT_THEME).encode(text="text:N")
     return alt.layer(boxes, text).properties(width=width, height=height, description="token_chart")
 
 
@@ -135,7 +139,9 @@ def activation_histogram(values: pd.DataFrame, quantiles: dict[str, float]) -> a
     bars = alt.Chart(values).mark_bar(opacity=0.7).encode(
         x=alt.X("value:Q", bin=alt.Bin(maxbins=60), title="activation"),
         y=alt.Y("count():Q", stack=None, scale=alt.Scale(type="sqrt"), title="tokens (√ scale)"),
-        color=alt.Color("group:N", title="tokens from"),
+        color=alt.Color("group:N", title="tokens from",
+                        scale=alt.Scale(domain=["top exemplars", "bottom exemplars", "random exemplars"],
+                                        range=[POS_HEX, NEG_HEX, "#9a9a9a"])),
         tooltip=[alt.Tooltip("group:N"), alt.Tooltip("count():Q", title="tokens")],
     )
     q = pd.DataFrame({"name": list(quantiles), "value": list(quantiles.values())})

@@ -350,6 +350,12 @@ def neuron_query(layer: int, neuron: int) -> dict:
     return {"layer": str(int(layer)), "neuron": str(int(neuron))}
 
 
+def dark_theme() -> bool:
+    """Whether the browser shows Streamlit's dark theme (light when unknown)."""
+    theme = getattr(st.context, "theme", None)
+    return getattr(theme, "type", None) == "dark"
+
+
 def show_token(tok: str) -> str:
     """A token made visible: newlines as ↵, tabs as →, empty as ∅."""
     if tok == "":

@@ -50,7 +50,8 @@ else:
     m2.metric("layers × neurons", f"{db.n_layers} × {db.n_neurons:,}")
     m3.metric("described layers", "all" if described is None else f"{len(described)} of {db.n_layers}",
               help=None if described is None else ", ".join(map(str, described)))
-    m4.metric("built", meta.get("build_time", "?").replace("T", " ").split("+")[0])
+    built = meta.get("build_time", "?")
+    m4.metric("built", built.split("T")[0], help=f"build_time {built}")
     rows = [("explainer", meta.get("explainer")), ("scorer", meta.get("scorer")),
             ("embedding model", meta.get("embedding_model")), ("sequences × tokens",
                                                                f"{meta.get('n_sequences')} × {meta.get('seq_len')}"),
@@ -77,7 +78,7 @@ else:
     st.markdown("**Row counts**")
     counts = db.counts()
     st.dataframe(pd.DataFrame({"table": list(counts), "rows": list(counts.values())}), hide_index=True,
-                 key="row_counts")
+                 key="row_counts", column_config={"rows": st.column_config.NumberColumn(format="localized")})
     try:
         versions = json.loads(meta.get("versions", "{}"))
     except ValueError:

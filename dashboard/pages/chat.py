@@ -23,6 +23,7 @@ OBJECTIVES = {"logprob": "log p(target)", "prob": "p(target)"}
 _qp = st.query_params
 if "layer" in _qp and "neuron" in _qp:
     st.switch_page(state.PAGE_NEURON, query_params={"layer": _qp.get("layer"), "neuron": _qp.get("neuron")})
+steering_panel.restore_from_url()  # `?steer=…` (a shared steering link) restores the steering specs
 
 res = state.resources()
 lm = res.lm
@@ -102,7 +103,8 @@ st.caption("Chat with the model, pick a token, and see which MLP neurons fire be
 for problem in res.cfg.problems:
     st.warning(problem)
 if res.model.error:
-    st.error(f"The model could not be loaded, so chat and tracing are off: {res.model.error}")
+    st.error(f"The model could not be loaded, so chat and tracing are off: {res.model.error} "
+             "Fix MONITOR_MODEL and restart the dashboard.")
     st.page_link(state.PAGE_BROWSE, label="The database browser still works", icon=":material/manage_search:")
 if res.dbr.error and lm is not None:
     st.warning(f"{res.dbr.error} Until then chat and tracing work, but values are raw activations "
@@ -124,7 +126,7 @@ with chat_col:
     if notice:
         getattr(st, notice[0])(notice[1])
 
-    if st.session_state.pop("_pending", False) and lm is not None and msgs and msgs[-1]["role"] == "user":
+    if st.session_state.get("_pending") and lm is not None and msgs and msgs[-1]["role"] == "user":
         import time
 
         from engine.generate import generate
@@ -147,10 +149,12 @@ with chat_col:
                                    temperature=float(st.session_state["temperature"]), seed=seed, on_token=_on_token)
                 except MonitorError as err:
                     gen = None
+                    st.session_state.pop("_pending", None)
                     placeholder.empty()
                     msgs.pop()
                     st.error(f"{err} (The message was not added.)")
                 if gen is not None:
+                    st.session_state.pop("_pending", None)  # kept until here: a rerun mid-stream restarts the reply
                     state.timings().update(generate_s=time.perf_counter() - t0, generated_tokens=len(gen.token_ids))
                     placeholder.markdown(gen.text if gen.text.strip() else "_(empty reply)_")
                     msgs.append({"role": "assistant", "content": gen.text})
@@ -310,7 +314,9 @@ st.dataframe(
                                                         "for the full text; the inspector below shows both)."),
         "score": st.column_config.NumberColumn("score", format="%.2f", width="small",
                                                help="Simulation score of the description (correlation)."),
-        "url": st.column_config.LinkColumn("neuron page", display_text="open ↗", width="small"),
+        "url": st.column_config.LinkColumn("neuron page", display_text="open ↗", width="small",
+                                           help="Opens in a new tab (a new session, without this conversation); "
+                                                "“Open neuron” below keeps the conversation."),
     },
 )
 rows_shown = shown
@@ -398,7 +404,8 @@ with strip_box:
     st.markdown("**Tokens** · click one to make it the target (outlined in orange); hover for the top-5 next tokens"
                 + (f" · coloured by the inspected neuron **L{inspected[0]}/N{inspected[1]}** (red positive, "
                    "blue negative)" if inspected is not None else ""))
-    st.altair_chart(charts.token_chart(tokens, fwd.top_next, fwd.next_token_prob, vals, vtitle, target),
+    st.altair_chart(charts.token_chart(tokens, fwd.top_next, fwd.next_token_prob, vals, vtitle, target,
+                                       dark=state.dark_theme()),
                     key="token_chart", on_select=_on_token_click, selection_mode=charts.TOKEN_SELECTION,
                     width="content")
 
