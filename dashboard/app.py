@@ -41,6 +41,10 @@ PAGES: dict[str, list[PageSpec]] = {
         PageSpec("pages/neuron.py", "Neuron", ":material/neurology:", url_path="neuron"),
         PageSpec("pages/browse.py", "Database browser", ":material/manage_search:", url_path="browse"),
     ],
+    "Steering": [
+        PageSpec("pages/steering.py", "Semantic steering", ":material/tune:", url_path="steering"),
+        PageSpec("pages/experiments.py", "Experiments", ":material/science:", url_path="experiments"),
+    ],
     "System": [
         PageSpec("pages/about.py", "About / status", ":material/info:", url_path="about"),
     ],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, ranking, state
+from dashboard import charts, linter_panel, ranking, state, steering_panel  # noqa: F401 (the panels register)
 from dashboard.panels import CHAT_PANELS, ChatContext
 from engine.errors import MonitorError
 
