@@ -5,6 +5,10 @@ with :func:`register_panel` (at import time of a module that ``pages/chat.py`` i
 appending to :data:`CHAT_PANELS`). Each panel is drawn in its own ``st.expander`` and a
 :class:`~engine.errors.MonitorError` it raises becomes ``st.error``, so one broken panel never
 takes the page down. (Issue 5: semantic steering, concept linter.)
+
+Streamlit runs a collapsed expander's code on every rerun, so an eager panel's cost lands on
+every chat turn and widget change. ``lazy=True`` makes the expander track its state
+(``on_change="rerun"``) and calls ``render`` only while it is open.
 """
 
 from __future__ import annotations
@@ -33,12 +37,18 @@ class Panel:
     title: str
     render: Callable[[ChatContext], None]
     expanded: bool = False
+    lazy: bool = False  # render only while the expander is open
 
 
 CHAT_PANELS: list[Panel] = []
 
 
-def register_panel(title: str, render: Callable[[ChatContext], None], expanded: bool = False) -> None:
+def register_panel(title: str, render: Callable[[ChatContext], None], expanded: bool = False,
+                   lazy: bool = False) -> None:
     """Add a panel to the chat page (idempotent per title)."""
     CHAT_PANELS[:] = [p for p in CHAT_PANELS if p.title != title]
-    CHAT_PANELS.append(Panel(title, render, expanded))
+    CHAT_PANELS.append(Panel(title, render, expanded, lazy))
+
+
+def panel_key(panel: Panel) -> str:
+    return "panel_" + "".join(c if c.isalnum() else "_" for c in panel.title.lower())

@@ -242,6 +242,12 @@ def test_attribution_mode_target_and_objective(env):
     assert "Top-5 next tokens after token " + str(new_target) in texts(at)
     top5 = table(at, "top5")
     assert len(top5) == 5 and list(top5["probability"]) == sorted(top5["probability"], reverse=True)
+    # token 0 cannot be a target: the page says so and keeps the picker to choose another
+    at.selectbox(key="w_target").set_value(0).run()
+    assert any("Token 0 has nothing before it" in i.value for i in ok(at).info)
+    assert len(table(at)) == 0 and at.selectbox(key="w_target").value == 0
+    at.selectbox(key="w_target").set_value(new_target).run()
+    assert table(ok(at))[["layer", "neuron", "token"]].equals(logprob_rows[["layer", "neuron", "token"]])
     # prob objective = logprob attribution × p(target): same cells, same order, values scaled by p
     at.radio(key="w_objective").set_value("prob").run()
     prob_rows = table(ok(at))
@@ -603,3 +609,39 @@ def test_two_sessions_at_once_share_one_model(env):
         shown, n_rows, tokens = res
         assert [t for r, t in shown if r == "user"] == [f"Tell me about {word}."]
         assert n_rows > 0 and word in tokens and other not in tokens
+
+
+# --------------------------------------------------------------------------- extension panels
+def test_chat_panels_eager_and_lazy(env):
+    from dashboard import panels
+
+    calls = {"eager": 0, "lazy": 0}
+
+    def eager(ctx):
+        calls["eager"] += 1
+        import streamlit as st
+
+        st.markdown(f"eager panel: {len(ctx.rows)} rows, mode {ctx.mode}")
+
+    def lazy(ctx):
+        calls["lazy"] += 1
+        import streamlit as st
+
+        st.markdown("lazy panel drawn")
+
+    saved = list(panels.CHAT_PANELS)
+    try:
+        panels.register_panel("Test eager", eager)
+        panels.register_panel("Test lazy", lazy, lazy=True)
+        at = start()
+        send(at, "Hi")
+        labels = [e.label for e in at.expander]
+        assert "Test eager" in labels and "Test lazy" in labels
+        assert calls == {"eager": 1, "lazy": 0}
+        assert any(m.value.startswith("eager panel: ") and "mode Activation" in m.value for m in at.markdown)
+        at.session_state[panels.panel_key(panels.Panel("Test lazy", lazy))] = True  # the user opens it
+        ok(at.run())
+        assert calls == {"eager": 2, "lazy": 1}
+        assert any(m.value == "lazy panel drawn" for m in at.markdown)
+    finally:
+        panels.CHAT_PANELS[:] = saved

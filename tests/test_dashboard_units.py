@@ -150,3 +150,24 @@ def test_token_chart_marks_the_target_and_carries_the_top5():
     assert data["next5"].iloc[1] == "'y' 0.25"
     params = spec.get("params") or spec["layer"][0]["params"]
     assert params[0]["name"] == charts.TOKEN_SELECTION and params[0]["select"]["on"] == "click"
+
+
+def test_every_chart_builder_gives_a_valid_vega_lite_spec():
+    """The pages skip Altair's validation when rendering (charts.unvalidated); it runs here instead."""
+    tokens = ["<s>", "Which", " is", "\n", " bigger"]
+    heat = ranking.activation_heatmap(torch.randn(3, 5, 4), threshold=0.5, skip_sink=True)
+    rows = pd.DataFrame({"layer": [0, 2], "neuron": [1, 3], "polarity": [1, -1], "token_index": [1, 4],
+                         "value": [2.0, -1.5], "activation": [1.0, -1.0], "summary": ["a", None],
+                         "token": ["1: 'Which'", "4: ' bigger'"]})
+    hist = pd.DataFrame({"value": np.linspace(-1, 1, 50), "group": ["random exemplars"] * 50})
+    results = pd.DataFrame({"layer": [0, 8], "neuron": [1, 2], "polarity": [1, -1], "score": [0.3, np.nan],
+                            "similarity": [0.7, 0.6], "summary": ["x", "y"], "url": ["neuron?layer=0&neuron=1"] * 2})
+    built = [charts.heatmap(heat, tokens, "sum_abs", "Σ", 3), charts.top_bar(rows, 10, "value"),
+             charts.activation_histogram(hist, {"1e-5": -0.9, "1 − 1e-5": 0.9}),
+             charts.search_scatter(results, 30),
+             charts.token_chart(tokens, None, None, values=[0, 1, -1, 0, 2], target=1, dark=True)]
+    for chart in built:
+        spec = chart.to_dict(validate=True)
+        assert spec["description"] in {"heatmap", "top_bar", "histogram", "browse_chart", "token_chart"}
+    fast = charts.unvalidated(charts.top_bar(rows, 10, "value"))
+    assert fast.to_dict()["description"] == "top_bar"

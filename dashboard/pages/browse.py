@@ -172,7 +172,7 @@ st.dataframe(shown[cols], hide_index=True, key="browse_results", height=420,
                             "url": st.column_config.LinkColumn("neuron page", display_text="open ↗", width="small")})
 
 st.subheader("Where the results sit")
-st.altair_chart(charts.search_scatter(results, L), key="browse_chart")
+st.altair_chart(charts.unvalidated(charts.search_scatter(results, L)), key="browse_chart")
 
 export = results.drop(columns=["url"])
 slug = re.sub(r"[^a-z0-9]+", "-", q.lower()).strip("-")[:40] or "results"

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, linter_panel, ranking, state, steering_panel  # noqa: F401 (the panels register)
-from dashboard.panels import CHAT_PANELS, ChatContext
+from dashboard.panels import CHAT_PANELS, ChatContext, panel_key
 from engine.errors import MonitorError
 
 MODES = ["Activation", "Attribution"]
@@ -236,7 +236,7 @@ with c_a:
 
 # --------------------------------------------------------------------------- rank
 heat = None
-note = ""
+note, note_kind = "", "markdown"
 if mode == "Activation":
     norm = state.session_memo("norm", (tkey, scales is not None), lambda: ranking.normalise(fwd.activations, scales), 2)
     rows, total = state.session_memo("act_rows", (tkey, scales is not None, threshold, skip_sink),
@@ -248,28 +248,32 @@ if mode == "Activation":
             + (" · token 0 excluded" if skip_sink else "") + ". One row per neuron, at its most extreme token.")
     target_trace = fwd
 else:
+    target_trace = None
+    rows = pd.DataFrame({c: pd.Series(dtype="int64" if c not in ("value", "activation") else "float64")
+                         for c in ranking.ROW_COLUMNS})
     if target < 1:
-        st.info("Token 0 has nothing before it to predict it: pick another target token to attribute to.")
-        st.stop()
-    try:
-        target_trace = state.get_trace(lm, chat, target)
-    except MonitorError as err:
-        st.error(str(err))
-        st.stop()
-    akey = state.trace_key(lm, chat, target)
-    attr = ranking.attribution_values(target_trace, objective)
-    rows = state.session_memo("attr_rows", (akey, objective, skip_sink),
-                              lambda: ranking.attribution_rows(attr, target_trace.activations, state.ATTRIBUTION_TOP_K,
-                                                               skip_sink))
-    heat = state.session_memo("attr_heat", (akey, objective, skip_sink),
-                              lambda: ranking.attribution_heatmap(attr, rows, skip_sink))
-    note = (f"Target token **{target}** `{state.show_token(tokens[target])}`: p = {target_trace.target_prob:.3f} given "
-            f"the tokens before it. Top **{len(rows):,}** (layer, token, neuron) cells by |attribution|"
-            + (" · token 0 excluded" if skip_sink else "") + ".")
+        note, note_kind = "Token 0 has nothing before it to predict it: pick another target token to attribute to.", "info"
+    else:
+        try:
+            target_trace = state.get_trace(lm, chat, target)
+        except MonitorError as err:
+            note, note_kind = str(err), "error"
+    if target_trace is not None:
+        akey = state.trace_key(lm, chat, target)
+        attr = ranking.attribution_values(target_trace, objective)
+        rows = state.session_memo("attr_rows", (akey, objective, skip_sink),
+                                  lambda: ranking.attribution_rows(attr, target_trace.activations,
+                                                                   state.ATTRIBUTION_TOP_K, skip_sink))
+        heat = state.session_memo("attr_heat", (akey, objective, skip_sink),
+                                  lambda: ranking.attribution_heatmap(attr, rows, skip_sink))
+        note = (f"Target token **{target}** `{state.show_token(tokens[target])}`: p = {target_trace.target_prob:.3f} "
+                f"given the tokens before it. Top **{len(rows):,}** (layer, token, neuron) cells by |attribution|"
+                + (" · token 0 excluded" if skip_sink else "") + ".")
+    else:
+        target_trace = fwd  # panels still get a trace (activations only)
 
 desc = state.describe(res, zip(rows["layer"], rows["neuron"]))
 table = ranking.join_descriptions(rows, desc)
-described = state.described_layers(res.db)
 if res.db is None:
     missing_text = "no database loaded"
 else:
@@ -282,7 +286,7 @@ table["polarity_name"] = [charts.polarity_name(p) for p in table["polarity"]]
 table["url"] = [state.neuron_url(l, n) for l, n in zip(table["layer"], table["neuron"])]
 table["id"] = [f"{l}/{n}" for l, n in zip(table["layer"], table["neuron"])]
 
-st.markdown(note)
+getattr(st, note_kind)(note)
 fc1, fc3, fc2 = st.columns([3, 1.2, 1.2])
 only_described = fc3.toggle("Only described neurons", key=state.widget_key("only_described", False),
                             disabled=res.db is None, help="Hide neurons whose layer the database does not describe.")
@@ -329,13 +333,14 @@ with hc:
         title = f"Σ |{value_title}|" if field == "sum_abs" else ("neurons over threshold" if mode == "Activation"
                                                                else "top cells")
         if (heat[field] > 0).any():
-            st.altair_chart(charts.heatmap(heat, tokens, field, title, lm.n_layers), key="heatmap")
+            st.altair_chart(charts.unvalidated(charts.heatmap(heat, tokens, field, title, lm.n_layers)),
+                            key="heatmap")
         else:
             st.caption("Nothing over the threshold.")
 with bc:
     st.subheader(f"Top {min(top_n, len(shown))} neurons")
     if len(shown):
-        st.altair_chart(charts.top_bar(shown, top_n, value_title), key="top_bar")
+        st.altair_chart(charts.unvalidated(charts.top_bar(shown, top_n, value_title)), key="top_bar")
     else:
         st.caption("No neurons to show: lower the threshold or clear the filter.")
 
@@ -358,7 +363,7 @@ if inspect_ids:
         st.write("")
         st.page_link(state.PAGE_NEURON, label=f"Open neuron L{layer_i}/N{neuron_i}", icon=":material/open_in_new:",
                      query_params=state.neuron_query(layer_i, neuron_i))
-    d = describe_row = state.describe(res, [(layer_i, neuron_i)]).iloc[0]
+    d = state.describe(res, [(layer_i, neuron_i)]).iloc[0]
     dc1, dc2 = st.columns(2)
     for col, pol, name in ((dc1, "pos", "Positive"), (dc2, "neg", "Negative")):
         with col:
@@ -404,16 +409,22 @@ with strip_box:
     st.markdown("**Tokens** · click one to make it the target (outlined in orange); hover for the top-5 next tokens"
                 + (f" · coloured by the inspected neuron **L{inspected[0]}/N{inspected[1]}** (red positive, "
                    "blue negative)" if inspected is not None else ""))
-    st.altair_chart(charts.token_chart(tokens, fwd.top_next, fwd.next_token_prob, vals, vtitle, target,
-                                       dark=state.dark_theme()),
-                    key="token_chart", on_select=_on_token_click, selection_mode=charts.TOKEN_SELECTION,
-                    width="content")
+    token_chart = charts.token_chart(tokens, fwd.top_next, fwd.next_token_prob, vals, vtitle, target,
+                                     dark=state.dark_theme())
+    st.altair_chart(charts.unvalidated(token_chart), key="token_chart", on_select=_on_token_click,
+                    selection_mode=charts.TOKEN_SELECTION, width="content")
 
 # --------------------------------------------------------------------------- extension panels (issue 5)
 ctx = ChatContext(res=res, chat=chat, trace=target_trace, mode=mode, target=target if mode == "Attribution" else None,
                   rows=rows_shown)
 for panel in CHAT_PANELS:
-    with st.expander(panel.title, expanded=panel.expanded):
+    if panel.lazy:
+        box = st.expander(panel.title, expanded=panel.expanded, key=panel_key(panel), on_change="rerun")
+        if not box.open:
+            continue
+    else:
+        box = st.expander(panel.title, expanded=panel.expanded)
+    with box:
         try:
             panel.render(ctx)
         except MonitorError as err:

@@ -191,7 +191,8 @@ with hc:
             parts.append(pd.DataFrame({"value": vals, "group": name}))
     if parts:
         lines = {k: v for k, v in (("1e-5", qs.get(1e-5)), ("1 − 1e-5", qs.get(1 - 1e-5))) if v is not None}
-        st.altair_chart(charts.activation_histogram(pd.concat(parts, ignore_index=True), lines), key="histogram")
+        hist = charts.activation_histogram(pd.concat(parts, ignore_index=True), lines)
+        st.altair_chart(charts.unvalidated(hist), key="histogram")
         st.caption("Per-token activations of the stored exemplars; random exemplars approximate the usual "
                    "distribution. Dashed lines: the normalising quantiles.")
 
