@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS: list[Callable] = []
 
 
+def _register_experiment(sub) -> None:
+    from .experiments import register_cli
+
+    register_cli(sub)
+
+
+EXTRA_COMMANDS.append(_register_experiment)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

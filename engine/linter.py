@@ -1,0 +1,526 @@
+"""The concept linter: group a trace's important neurons into concepts and flag the spurious ones.
+
+Steps (the reference system's, plus our spurious flag):
+
+1. **Important neurons** (:func:`important_neurons`): the top attribution cells of a trace,
+   or the cells at or beyond each neuron's extreme quantile (normalised activation ≥ 1),
+   merged per (layer, neuron, polarity), each with a weight and the tokens it fired on.
+2. **Clusters** (:func:`cluster_embeddings`): their description embeddings, average
+   linkage on cosine distance, cut at distance 0.6; clusters of at least 3 neurons.
+3. **Labels**: offline, the cluster's c-TF-IDF keywords (:func:`ctfidf_keywords`) and its
+   most central description; with an OpenAI-compatible endpoint configured
+   (``MONITOR_LLM_BASE_URL``, ``MONITOR_LLM_MODEL``, ``MONITOR_LLM_API_KEY``), a 2–5 word
+   LLM label and a 1–5 coherence rating (:class:`LLMLabeler`).
+4. **Rank** by summed weight: summed |attribution|, or summed normalised activation.
+5. **Spurious flag** (:class:`RelevanceCalibration`): a cluster is flagged when its centroid
+   is less similar to the conversation than the 90th percentile of random database
+   descriptions are (see :data:`SPURIOUS_RULE`).
+
+The database side (embeddings, summaries, random descriptions) is looked up by
+``cache.concepts.lint_trace``; everything here works on arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .concepts import ConceptSpec
+from .errors import MonitorError
+from .steering import TokenRange
+
+DEFAULT_THRESHOLD = 0.6
+DEFAULT_MIN_SIZE = 3
+DEFAULT_TOP_K = 1000
+DEFAULT_PERCENTILE = 90.0
+MODES = ("attribution", "activation")
+# DESIGN.md: activations are normalised by the 1−1e-5 (positive) / 1e-5 (negative) quantile.
+SCALE_QUANTILE = {1: 1 - 1e-5, -1: 1e-5}
+
+SPURIOUS_RULE = (
+    "A cluster is flagged as likely spurious when its meaning is not clearly related to the conversation. "
+    "We embed the conversation's messages, average the cluster's description embeddings (its centroid) and take "
+    "their cosine similarity. The same similarity is computed for {n} randomly drawn neuron descriptions from the "
+    "database, and the threshold is their {pct:g}th percentile ({thr:.3f} for this conversation). A cluster below "
+    "it is less related to the conversation than the {rest:g}% most related random neurons, so it probably fires "
+    "for a surface reason (e.g. date neurons on the number 9.8) rather than because of what the conversation is "
+    "about. The flag is a hint, not a verdict: check the cluster's tokens and exemplars."
+)
+
+
+# --------------------------------------------------------------------------- important neurons
+@dataclass
+class NeuronHit:
+    """One (layer, neuron, polarity) that matters in a trace.
+
+    ``weight``: summed |attribution| over its top cells, or its largest normalised
+    activation. ``tokens``: token index → that cell's weight.
+    """
+
+    layer: int
+    neuron: int
+    polarity: int
+    weight: float
+    tokens: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.layer, self.neuron, self.polarity)
+
+
+def important_neurons(trace, mode: str = "attribution", k: int = DEFAULT_TOP_K, scale=None,
+                      min_normalised: float = 1.0, skip_tokens: Sequence[int] = (0,)) -> list[NeuronHit]:
+    """The neurons that matter in ``trace``, heaviest first.
+
+    * ``attribution``: the top ``k`` (layer, token, neuron) cells by |attribution|
+      (as the reference keeps); the polarity of a cell is the sign of its activation;
+      cells merge per (layer, neuron, polarity) with ``weight = Σ |attribution|``.
+    * ``activation``: ``scale = (hi, lo)``, each ``[layers, neurons]`` (the 1−1e-5 and 1e-5
+      quantiles). The normalised activation is ``a / hi`` for ``a > 0`` and ``a / lo``
+      for ``a < 0`` (so ≥ 1 means at or beyond the quantile); cells with it ≥
+      ``min_normalised`` count, ``weight`` is the neuron's largest, top ``k`` neurons kept.
+      ``skip_tokens`` (the attention sink, token 0) are left out.
+    """
+    import torch
+
+    if mode not in MODES:
+        raise MonitorError(f"Unknown linter mode {mode!r}: use attribution or activation.")
+    if int(k) < 1:
+        raise MonitorError("The linter needs k of at least 1 neuron.")
+    acts = trace.activations  # [layers, tokens, neurons]
+    hits: dict[tuple[int, int, int], NeuronHit] = {}
+    if mode == "attribution":
+        if trace.attributions is None:
+            raise MonitorError("This trace has no attribution: pick a target token, or lint by activation.")
+        attr = trace.attributions.float().clone()
+        skip = [t for t in skip_tokens if t < attr.shape[1]]
+        if skip:
+            attr[:, skip, :] = 0
+        flat = attr.abs().reshape(-1)
+        top = torch.topk(flat, min(int(k), flat.numel()))
+        n_tok, n_neu = attr.shape[1], attr.shape[2]
+        for value, i in zip(top.values.tolist(), top.indices.tolist()):
+            if value <= 0:
+                break
+            layer, rest = divmod(i, n_tok * n_neu)
+            tok, neuron = divmod(rest, n_neu)
+            pol = 1 if float(acts[layer, tok, neuron]) >= 0 else -1
+            h = hits.setdefault((layer, neuron, pol), NeuronHit(layer, neuron, pol, 0.0))
+            h.weight += value
+            h.tokens[tok] = h.tokens.get(tok, 0.0) + value
+    else:
+        if scale is None:
+            raise MonitorError("Linting by activation needs the neurons' quantiles: open a neuron database.")
+        hi = torch.tensor(np.array(scale[0], np.float32))[:, None, :]  # [layers, 1, neurons]
+        lo = torch.tensor(np.array(scale[1], np.float32))[:, None, :]
+        a = acts.float()
+        pos = torch.where((a > 0) & (hi > 0), a / hi, torch.zeros(()))
+        neg = torch.where((a < 0) & (lo < 0), a / lo, torch.zeros(()))
+        norm = torch.stack([pos, neg])  # [2, layers, tokens, neurons]
+        norm = torch.nan_to_num(norm, nan=0.0, posinf=0.0, neginf=0.0)
+        skip = [t for t in skip_tokens if t < a.shape[1]]
+        if skip:
+            norm[:, :, skip, :] = 0
+        best, _ = norm.max(dim=2)  # [2, layers, neurons]
+        flat = best.reshape(-1)
+        order = torch.argsort(flat, descending=True)[: int(k)]
+        n_layers, n_neu = best.shape[1], best.shape[2]
+        for i in order.tolist():
+            value = float(flat[i])
+            if value < min_normalised or value <= 0:
+                break
+            side, rest = divmod(i, n_layers * n_neu)
+            layer, neuron = divmod(rest, n_neu)
+            pol = 1 if side == 0 else -1
+            col = norm[side, layer, :, neuron]
+            toks = {int(t): float(col[t]) for t in torch.nonzero(col >= min_normalised).flatten().tolist()}
+            hits[(layer, neuron, pol)] = NeuronHit(layer, neuron, pol, value, toks)
+    return sorted(hits.values(), key=lambda h: (-h.weight, h.layer, h.neuron, -h.polarity))
+
+
+# --------------------------------------------------------------------------- clustering
+def cluster_embeddings(embeddings: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
+                       min_size: int = DEFAULT_MIN_SIZE) -> list[np.ndarray]:
+    """Row groups of ``embeddings`` [m, d]: average-linkage clusters on cosine distance.
+
+    ``d(u, v) = 1 − u·v / (‖u‖‖v‖)``; the tree (``scipy.cluster.hierarchy.linkage``,
+    ``method="average"``) is cut where the average distance exceeds ``threshold``
+    (``fcluster(criterion="distance")``: members of one cluster merge at ≤ threshold).
+    Clusters smaller than ``min_size`` are dropped. Returns the row indices of each
+    cluster (ascending), clusters ordered by their smallest row.
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    if not 0 < float(threshold) <= 2:
+        raise MonitorError(f"The cluster threshold is a cosine distance in (0, 2]; got {threshold}.")
+    if int(min_size) < 1:
+        raise MonitorError("The minimum cluster size must be at least 1.")
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or len(x) < max(2, int(min_size)):
+        return []
+    labels = fcluster(linkage(x, method="average", metric="cosine"), t=float(threshold), criterion="distance")
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    groups = [g for g in groups if len(g) >= int(min_size)]
+    return sorted(groups, key=lambda g: int(g[0]))
+
+
+# --------------------------------------------------------------------------- labels
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def ctfidf_keywords(class_docs: Sequence[Sequence[str]], top_n: int = 3) -> list[list[str]]:
+    """The ``top_n`` c-TF-IDF keywords of each class of documents.
+
+    Each class's documents are joined into one. With ``tf[t, c]`` the count of term ``t``
+    (English words of 2+ letters, and their bigrams, English stop words removed) in class
+    ``c``, ``A`` the mean number of terms per class and ``f[t] = Σ_c tf[t, c]``:
+
+        W[t, c] = tf[t, c] / Σ_t' tf[t', c] × log(1 + A / f[t])
+
+    (BERTopic's class-based TF-IDF). Quoted token lists (``' by', ' In'``) are removed
+    first: they name activating tokens, not topics. Bigrams never span two documents. On
+    equal weight a bigram goes first, and a unigram inside a chosen bigram (or a bigram
+    around a chosen unigram) is skipped.
+    """
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    docs = [_QUOTED.sub(" ", str(d)) for ds in class_docs for d in ds if d]
+    owner = np.array([c for c, ds in enumerate(class_docs) for d in ds if d], np.int64)  # [docs]
+    if not any(d.strip() for d in docs):
+        return [[] for _ in class_docs]
+    vec = CountVectorizer(stop_words="english", ngram_range=(1, 2), token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b")
+    try:
+        counts = vec.fit_transform(docs)  # [docs, terms]
+    except ValueError:  # only stop words
+        return [[] for _ in class_docs]
+    tf = np.zeros((len(class_docs), counts.shape[1]))  # [classes, terms]
+    np.add.at(tf, owner, counts.toarray())
+    terms = vec.get_feature_names_out()
+    per_class = tf.sum(axis=1, keepdims=True)
+    avg = per_class.mean()
+    w = np.divide(tf, per_class, out=np.zeros_like(tf), where=per_class > 0) * np.log(1 + avg / tf.sum(axis=0))
+    out = []
+    for row in w:
+        chosen: list[str] = []
+        n_words = np.array([t.count(" ") + 1 for t in terms])
+        for j in np.lexsort((terms, -n_words, -np.round(row, 12))):  # ties: the bigram first
+            if row[j] <= 0 or len(chosen) >= top_n:
+                break
+            t = str(terms[j])
+            if any(t in c.split() for c in chosen if " " in c) or any(c in t.split() for c in chosen):
+                continue
+            chosen.append(t)
+        out.append(chosen)
+    return out
+
+
+@dataclass
+class LLMLabeler:
+    """Labels clusters through an OpenAI-compatible ``/chat/completions`` endpoint (urllib only).
+
+    Configured explicitly: :meth:`from_env` reads ``MONITOR_LLM_BASE_URL`` (e.g.
+    ``http://127.0.0.1:8000/v1``), ``MONITOR_LLM_MODEL`` and optional ``MONITOR_LLM_API_KEY``;
+    nothing is contacted unless they are set.
+    """
+
+    base_url: str
+    model: str
+    api_key: str | None = None
+    timeout: float = 30.0
+    max_descriptions: int = 20
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "LLMLabeler | None":
+        env = os.environ if env is None else env
+        url, model = env.get("MONITOR_LLM_BASE_URL", "").strip(), env.get("MONITOR_LLM_MODEL", "").strip()
+        if not url and not model:
+            return None
+        if not url or not model:
+            raise MonitorError("Set both MONITOR_LLM_BASE_URL and MONITOR_LLM_MODEL for LLM cluster labels "
+                               "(or neither, for offline labels).")
+        return cls(url, model, env.get("MONITOR_LLM_API_KEY") or None)
+
+    def request(self, descriptions: Sequence[str]) -> dict:
+        """The chat-completions request body for one cluster."""
+        listed = "\n".join(f"- {d}" for d in list(descriptions)[: self.max_descriptions])
+        return {
+            "model": self.model,
+            "temperature": 0,
+            "messages": [
+                {"role": "system", "content": "You name concepts shared by groups of neuron descriptions."},
+                {"role": "user", "content": (
+                    "These descriptions belong to neurons that were clustered together:\n" + listed + "\n\n"
+                    "Reply with JSON only: {\"label\": \"<the shared concept in 2 to 5 words>\", "
+                    "\"coherence\": <an integer from 1 (unrelated) to 5 (one clear concept)>}")},
+            ],
+        }
+
+    def label(self, descriptions: Sequence[str]) -> tuple[str, int | None]:
+        """(label of 2–5 words, coherence 1–5 or None); raises MonitorError on failure."""
+        body = json.dumps(self.request(descriptions)).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        url = self.base_url.rstrip("/") + "/chat/completions"
+        req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                payload = json.loads(resp.read().decode("utf-8"))
+            content = payload["choices"][0]["message"]["content"]
+        except urllib.error.HTTPError as err:
+            raise MonitorError(f"The LLM labeler at {url} answered HTTP {err.code}: check MONITOR_LLM_MODEL and "
+                               "MONITOR_LLM_API_KEY.") from err
+        except (urllib.error.URLError, TimeoutError, OSError) as err:
+            raise MonitorError(f"The LLM labeler at {url} is unreachable ({getattr(err, 'reason', err)}): check "
+                               "MONITOR_LLM_BASE_URL, or unset it for offline labels.") from err
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise MonitorError(f"The LLM labeler at {url} did not return a chat completion: is it "
+                               "OpenAI-compatible?") from err
+        return parse_llm_label(content)
+
+
+def parse_llm_label(content: str) -> tuple[str, int | None]:
+    """Read ``{"label": ..., "coherence": ...}`` from a reply (tolerates prose around the JSON)."""
+    data = None
+    m = re.search(r"\{.*\}", str(content), re.S)
+    if m:
+        try:
+            data = json.loads(m.group(0))
+        except ValueError:
+            data = None
+    if isinstance(data, dict) and str(data.get("label", "")).strip():
+        label = str(data["label"])
+        try:
+            coherence = int(round(float(data.get("coherence"))))
+            coherence = min(5, max(1, coherence))
+        except (TypeError, ValueError):
+            coherence = None
+    else:
+        label, coherence = str(content), None
+    words = re.sub(r"[\"'`*#]", "", label).split()
+    if not words:
+        raise MonitorError("The LLM labeler returned an empty label.")
+    return " ".join(words[:5]), coherence
+
+
+# --------------------------------------------------------------------------- relevance / spurious
+@dataclass
+class RelevanceCalibration:
+    """The spurious threshold for one conversation.
+
+    ``null`` [n]: cosine similarities between the conversation embedding and ``n`` random
+    database descriptions. ``threshold = percentile(null, percentile)``; a cluster whose
+    centroid similarity is below it is flagged.
+    """
+
+    conversation_vec: np.ndarray  # [d], unit length
+    null: np.ndarray  # [n]
+    percentile: float = DEFAULT_PERCENTILE
+
+    def __post_init__(self):
+        self.conversation_vec = _unit(np.asarray(self.conversation_vec, np.float64).reshape(-1))
+        self.null = np.asarray(self.null, np.float64).reshape(-1)
+        if not 0 < self.percentile < 100:
+            raise MonitorError("The spurious percentile must be between 0 and 100.")
+        if len(self.null) < 10:
+            raise MonitorError("Calibrating the spurious flag needs at least 10 random descriptions.")
+
+    @classmethod
+    def from_vectors(cls, conversation_vec: np.ndarray, random_vecs: np.ndarray,
+                     percentile: float = DEFAULT_PERCENTILE) -> "RelevanceCalibration":
+        """From random description embeddings [n, d] (unit rows)."""
+        q = _unit(np.asarray(conversation_vec, np.float64).reshape(-1))
+        return cls(q, np.asarray(random_vecs, np.float64) @ q, percentile)
+
+    @property
+    def threshold(self) -> float:
+        return float(np.percentile(self.null, self.percentile))
+
+    def relevance(self, vec: np.ndarray) -> float:
+        """cos(vec, conversation)."""
+        return float(_unit(np.asarray(vec, np.float64).reshape(-1)) @ self.conversation_vec)
+
+    def percentile_of(self, sim: float) -> float:
+        """Percent of random descriptions less similar to the conversation than ``sim``."""
+        return float(100.0 * np.mean(self.null < sim))
+
+    def rule(self) -> str:
+        """:data:`SPURIOUS_RULE` with this conversation's numbers, for the UI."""
+        return SPURIOUS_RULE.format(n=len(self.null), pct=self.percentile, thr=self.threshold,
+                                    rest=100 - self.percentile)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    return np.divide(v, n, out=np.zeros_like(v), where=n > 0)
+
+
+def conversation_text(chat_or_rendered) -> str:
+    """The text whose meaning the spurious flag compares against: the user and assistant
+    messages' contents (system prompts left out), or the plain prompt."""
+    messages = getattr(chat_or_rendered, "messages", None)
+    if messages is None and isinstance(chat_or_rendered, (list, tuple)):
+        messages = chat_or_rendered
+    if messages:
+        text = "\n".join(str(m["content"]).strip() for m in messages if m.get("role") != "system")
+        if text.strip():
+            return text
+    text = getattr(chat_or_rendered, "text", chat_or_rendered)
+    return str(text)
+
+
+# --------------------------------------------------------------------------- the report
+@dataclass
+class Cluster:
+    """One concept among the important neurons."""
+
+    id: int
+    members: list[NeuronHit]  # heaviest first
+    summaries: list[str]  # same order
+    weight: float  # Σ member weights: the ranking score
+    label: str
+    keywords: list[str]
+    central: str  # the description closest to the centroid
+    cohesion: float  # mean pairwise cosine similarity of members' embeddings
+    centroid: np.ndarray = field(repr=False, default=None)  # [d], unit
+    label_source: str = "c-tf-idf"  # or "llm"
+    coherence: int | None = None  # LLM rating 1–5
+    relevance: float | None = None  # cos(centroid, conversation)
+    relevance_percentile: float | None = None
+    spurious: bool | None = None  # None without a calibration
+    explanation: str = ""
+
+    @property
+    def neurons(self) -> list[tuple[int, int, int]]:
+        return [h.key for h in self.members]
+
+    @property
+    def tokens(self) -> dict[int, float]:
+        """Token index → summed member weight on it, heaviest first."""
+        out: dict[int, float] = {}
+        for h in self.members:
+            for t, w in h.tokens.items():
+                out[t] = out.get(t, 0.0) + w
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def token_rows(self, tokens: Sequence[str]) -> list[dict]:
+        """[{index, token, weight}] for a trace's token strings (the cluster's tokens on it)."""
+        return [{"index": t, "token": tokens[t] if t < len(tokens) else "", "weight": w} for t, w in self.tokens.items()]
+
+    def to_spec(self, mode: str = "suppress", tokens: TokenRange | str | None = None,
+                strength: float | None = None) -> ConceptSpec:
+        """A steering spec that steers exactly this cluster's neurons (default: suppress them)."""
+        return ConceptSpec(self.label, mode=mode, strength=strength, tokens=tokens if tokens is not None else TokenRange(),
+                           neurons=tuple(self.neurons))
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id, "label": self.label, "label_source": self.label_source, "keywords": self.keywords,
+            "central": self.central, "weight": self.weight, "size": len(self.members), "cohesion": self.cohesion,
+            "coherence": self.coherence, "relevance": self.relevance, "relevance_percentile": self.relevance_percentile,
+            "spurious": self.spurious, "explanation": self.explanation,
+            "neurons": [{"layer": h.layer, "neuron": h.neuron, "polarity": h.polarity, "weight": h.weight,
+                         "summary": s, "tokens": h.tokens} for h, s in zip(self.members, self.summaries)],
+            "tokens": self.tokens,
+        }
+
+
+@dataclass
+class LintReport:
+    mode: str
+    clusters: list[Cluster]  # ranked by weight, heaviest first
+    n_hits: int  # important neurons found
+    n_described: int  # of which had a description embedding
+    threshold: float
+    min_size: int
+    calibration: RelevanceCalibration | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def rule(self) -> str:
+        """The plain-language spurious rule for this conversation ('' without calibration)."""
+        return self.calibration.rule() if self.calibration is not None else ""
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode, "n_hits": self.n_hits, "n_described": self.n_described, "threshold": self.threshold,
+            "min_size": self.min_size, "spurious_threshold": self.calibration.threshold if self.calibration else None,
+            "rule": self.rule, "warnings": self.warnings, "clusters": [c.to_dict() for c in self.clusters],
+        }
+
+
+def lint(hits: Sequence[NeuronHit], embeddings: np.ndarray, summaries: Sequence[str | None], *,
+         mode: str = "attribution", threshold: float = DEFAULT_THRESHOLD, min_size: int = DEFAULT_MIN_SIZE,
+         calibration: RelevanceCalibration | None = None, labeler: LLMLabeler | None = None,
+         progress: Callable[[int, int], None] | None = None) -> LintReport:
+    """Cluster, label, rank and flag the important neurons.
+
+    ``embeddings`` [m, d] and ``summaries`` [m] align with ``hits``; a row of zeros / NaN
+    (a neuron without a description) is left out of clustering. ``progress(i, n)`` is
+    called per labelled cluster (LLM labels take a request each).
+    """
+    emb = np.asarray(embeddings, np.float64)
+    if len(hits) != len(emb) or len(hits) != len(summaries):
+        raise ValueError("hits, embeddings and summaries must align")
+    ok = np.isfinite(emb).all(axis=1) & (np.linalg.norm(emb, axis=1) > 0) if len(emb) else np.zeros(0, bool)
+    rows = np.flatnonzero(ok)
+    groups = [rows[g] for g in cluster_embeddings(emb[rows], threshold, min_size)] if len(rows) else []
+    clustered = set(int(i) for g in groups for i in g)
+    rest = [str(summaries[i]) for i in rows if int(i) not in clustered]
+    keywords = ctfidf_keywords([[str(summaries[i]) for i in g] for g in groups] + [rest])[: len(groups)]
+    warnings: list[str] = []
+    if len(rows) < len(hits):
+        warnings.append(f"{len(hits) - len(rows)} of {len(hits)} important neurons have no description in the "
+                        "database and were not clustered.")
+    clusters = []
+    for g, kws in zip(groups, keywords):
+        g = sorted(g.tolist(), key=lambda i: (-hits[i].weight, i))
+        unit = _unit(emb[g])  # [size, d]
+        centroid = _unit(unit.mean(axis=0))
+        central_i = g[int(np.argmax(unit @ centroid))]
+        sims = unit @ unit.T
+        size = len(g)
+        cohesion = float((sims.sum() - size) / (size * (size - 1))) if size > 1 else 1.0
+        central = str(summaries[central_i])
+        clusters.append(Cluster(
+            id=0, members=[hits[i] for i in g], summaries=[str(summaries[i]) for i in g],
+            weight=float(sum(hits[i].weight for i in g)), label=", ".join(kws) if kws else central,
+            keywords=kws, central=central, cohesion=cohesion, centroid=centroid,
+        ))
+    clusters.sort(key=lambda c: (-c.weight, c.members[0].key))
+    for i, c in enumerate(clusters):
+        c.id = i
+        if labeler is not None:
+            try:
+                c.label, c.coherence = labeler.label(c.summaries)
+                c.label_source = "llm"
+            except MonitorError as err:
+                if not any(w.startswith("LLM labels failed") for w in warnings):
+                    warnings.append(f"LLM labels failed, offline labels shown instead: {err}")
+        if calibration is not None:
+            c.relevance = calibration.relevance(c.centroid)
+            c.relevance_percentile = calibration.percentile_of(c.relevance)
+            c.spurious = bool(c.relevance < calibration.threshold)
+            c.explanation = explain(c, calibration)
+        if progress is not None:
+            progress(i + 1, len(clusters))
+    return LintReport(mode, clusters, len(hits), int(len(rows)), float(threshold), int(min_size), calibration, warnings)
+
+
+def explain(cluster: Cluster, calibration: RelevanceCalibration) -> str:
+    """One sentence on why ``cluster`` is (not) flagged, with its numbers."""
+    rel = calibration.relevance(cluster.centroid) if cluster.relevance is None else cluster.relevance
+    pct = calibration.percentile_of(rel)
+    thr = calibration.threshold
+    if rel < thr:
+        return (f"Likely spurious: similarity to the conversation {rel:.3f} is below the threshold {thr:.3f}; "
+                f"{100 - pct:.0f}% of random neuron descriptions are at least as related to this conversation.")
+    return (f"Related: similarity to the conversation {rel:.3f} is at or above the threshold {thr:.3f} "
+            f"(more related than {pct:.0f}% of random neuron descriptions).")
