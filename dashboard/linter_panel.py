@@ -60,11 +60,13 @@ def lint(ctx: ChatContext, mode: str, threshold: float, min_size: int, k: int, p
 def cluster_table(report) -> pd.DataFrame:
     rows = []
     for c in report.clusters:
-        rows.append({"rank": c.id + 1, "flag": _flag(c), "label": c.label, "size": len(c.members),
+        source = "LLM" + (f" (coherence {c.coherence}/5)" if c.coherence is not None else "") \
+            if c.label_source == "llm" else "c-TF-IDF keywords"
+        rows.append({"rank": c.id + 1, "flag": _flag(c), "label": c.label, "label from": source, "size": len(c.members),
                      "weight": c.weight, "relevance": c.relevance, "cohesion": c.cohesion,
                      "keywords": ", ".join(c.keywords), "central description": c.central,
                      "why": c.explanation})
-    return pd.DataFrame(rows, columns=["rank", "flag", "label", "size", "weight", "relevance", "cohesion", "keywords",
+    return pd.DataFrame(rows, columns=["rank", "flag", "label", "label from", "size", "weight", "relevance", "cohesion", "keywords",
                                        "central description", "why"])
 
 
@@ -80,7 +82,7 @@ def cluster_chart(report, weight_title: str) -> alt.Chart:
         tooltip=[alt.Tooltip("name:N", title="cluster"), alt.Tooltip("size:Q"), alt.Tooltip("weight:Q", format=".3g"),
                  alt.Tooltip("relevance:Q", format=".3f", title="similarity to the conversation"),
                  alt.Tooltip("flag:N"), alt.Tooltip("central description:N")],
-    ).properties(height=max(140, 26 * len(d)), description="lint_chart")
+    ).properties(height=alt.Step(26), description="lint_chart")  # per bar: sized right even if drawn hidden
 
 
 def _on_cluster_row() -> None:
@@ -199,4 +201,4 @@ def _panel(ctx: ChatContext) -> None:
               help="Adds a spec that suppresses exactly this cluster's neurons on the last user turn.")
 
 
-register_panel("Concept linter", _panel)
+register_panel("Concept linter", _panel, lazy=True)  # clustering costs: only while open

@@ -683,4 +683,4 @@ def _panel(ctx: ChatContext) -> None:
 
 from dashboard import linter_panel  # noqa: E402,F401  (registers first: the linter is drawn above steering)
 
-register_panel("Semantic steering", _panel)
+register_panel("Semantic steering", _panel, lazy=True)

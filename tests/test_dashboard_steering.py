@@ -9,8 +9,10 @@ handful of prompts, so the module runs in a few minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import threading
 
 import numpy as np
 import pandas as pd
@@ -76,6 +78,35 @@ def add_spec(at, concept: str, k: int | None = None, **fields):
         at.get_by_key(key).set_value(value)
     at.button(key="steer_add").click()
     return ok(at.run())
+
+
+@contextlib.contextmanager
+def llm_stub():
+    """A local OpenAI-compatible /chat/completions endpoint that labels every cluster the same."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            content = json.dumps({"label": "Stub concept label", "coherence": 4})
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def url_specs(at) -> list[ConceptSpec]:
@@ -247,6 +278,11 @@ def test_linter_clusters_flag_and_turn_a_cluster_into_a_spec_then_its_effect(env
     at = start()
     send(at, QUESTION)
     assert [e.label for e in at.expander] == ["Concept linter", "Semantic steering"]
+    # both panels are lazy: nothing is computed until the user opens them
+    assert not any("How “likely spurious” is decided" in i.value for i in at.info)
+    at.session_state["panel_concept_linter"] = True
+    at.session_state["panel_semantic_steering"] = True
+    ok(at.run())
     clusters = frame(at, {"rank", "flag", "label", "size", "weight", "why"})
     assert len(clusters) >= 1 and (clusters["size"] >= 3).all()
     assert list(clusters["weight"]) == sorted(clusters["weight"], reverse=True)
@@ -295,6 +331,19 @@ def test_linter_clusters_flag_and_turn_a_cluster_into_a_spec_then_its_effect(env
     assert shown or any("No cluster of" in i.value for i in at.info)
     if shown:
         assert list(shown[0]["weight"]) == sorted(shown[0]["weight"], reverse=True)
+    # labels from an LLM when one is configured (a stub OpenAI-compatible endpoint here) ...
+    with llm_stub() as base_url:
+        env.setenv("MONITOR_LLM_BASE_URL", base_url)
+        env.setenv("MONITOR_LLM_MODEL", "stub")
+        at.segmented_control(key="w_mode").set_value("Activation").run()
+        labelled = frame(ok(at), {"rank", "flag", "label", "label from"})
+    assert (labelled["label"] == "Stub concept label").all()
+    assert (labelled["label from"] == "LLM (coherence 4/5)").all()
+    # ... and a half-configured one is explained, the rest of the page still drawn
+    env.delenv("MONITOR_LLM_BASE_URL")
+    ok(at.run())
+    assert "Set both MONITOR_LLM_BASE_URL and MONITOR_LLM_MODEL" in errors(at)
+    assert chart(at, "token_chart")
 
 
 # --------------------------------------------------------------------------- experiments
@@ -350,3 +399,16 @@ def test_experiments_page_bad_inputs(env):
     at.run()
     assert "qs.jsonl:1 needs non-empty string fields prompt, correct and wrong" in errors(ok(at))
     assert at.button(key="exp_run").disabled
+
+
+def test_without_a_database_steering_explains_and_experiments_refuse_specs(env, tmp_path):
+    env.setenv("MONITOR_DB", str(tmp_path / "nowhere.duckdb"))
+    at = page(STEERING)
+    assert any("Semantic steering needs the neuron database" in w.value and "No neuron database" in w.value
+               for w in at.warning)
+    at = page(EXPERIMENTS)
+    at.text_area(key="w_exp_specs").set_value("Bible verses")
+    at.number_input(key="w_exp_n").set_value(1)
+    at.button(key="exp_run").click().run()
+    assert "Steering specs need the neuron database" in errors(ok(at))
+    assert not at.get("vega_lite_chart")

@@ -29,8 +29,8 @@ DEFAULT_N = 40
 MAX_N = 100_000
 DEFAULT_CONTROLS = 2
 MAX_CONTROLS = 10
-# Measured on 2 busy CPU cores with the embedded model: seconds per scored prompt × condition.
-SECONDS_PER_SCORE = {False: 0.6, True: 1.6}
+# Measured with the embedded model on 2 CPU cores, idle and shared with other jobs: seconds per scored prompt × condition.
+SECONDS_PER_SCORE = {False: (0.3, 3.0), True: (0.8, 8.0)}  # (idle, busy)
 METRICS = {"forced_choice": "forced choice", "greedy": "greedy reply"}
 KIND_COLOURS = {"baseline": "#9e9e9e", "spec": "#d6604d", "union": "#b2182b", "control": "#4393c3"}
 CUSTOM_EXAMPLE = '{"prompt": "Which is bigger: 9.8 or 9.11?", "correct": "9.8", "wrong": "9.11"}'
@@ -89,23 +89,23 @@ def _ci(ci) -> str | None:
 
 
 def accuracy_chart(summary: dict, metric: str) -> alt.LayerChart:
-    """Accuracy per condition with its 95% bootstrap interval, chance (50%) as a dashed rule."""
+    """Accuracy per condition (one horizontal bar each) with its 95% bootstrap interval; chance (50%) dashed."""
     d = results_table(summary, metric)[["condition", "kind", "neurons", "accuracy", "95% CI low", "95% CI high"]]
     d = d.rename(columns={"95% CI low": "lo", "95% CI high": "hi"})
     order = list(d["condition"])
     kinds = [k for k in KIND_COLOURS if k in set(d["kind"])]
-    x = alt.X("condition:N", sort=order, title=None, axis=alt.Axis(labelAngle=-25, labelLimit=220))
+    y = alt.Y("condition:N", sort=order, title=None, axis=alt.Axis(labelLimit=300, labelOverlap=False))
     tooltip = [alt.Tooltip("condition:N"), alt.Tooltip("neurons:Q"), alt.Tooltip("accuracy:Q", format=".1%"),
                alt.Tooltip("lo:Q", format=".1%", title="95% CI low"), alt.Tooltip("hi:Q", format=".1%", title="95% CI high")]
     bars = alt.Chart(d).mark_bar(opacity=0.85).encode(
-        x=x, y=alt.Y("accuracy:Q", title=f"{METRICS[metric]} accuracy", scale=alt.Scale(domain=[0, 1]),
-                     axis=alt.Axis(format="%")),
+        y=y, x=alt.X("accuracy:Q", title=f"{METRICS[metric]} accuracy (95% bootstrap CI)",
+                     scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
         color=alt.Color("kind:N", title="condition", scale=alt.Scale(domain=kinds, range=[KIND_COLOURS[k] for k in kinds])),
         tooltip=tooltip)
-    errors = alt.Chart(d).mark_errorbar(ticks=True, color="currentColor").encode(
-        x=x, y=alt.Y("lo:Q", title=None), y2="hi:Q", tooltip=tooltip)
-    chance = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 3], color="#888").encode(y="y:Q")
-    return alt.layer(bars, errors, chance).properties(height=320, description="exp_chart")
+    errors = alt.Chart(d).mark_errorbar(ticks=True, color="#777", thickness=1.5).encode(
+        y=y, x=alt.X("lo:Q", title=None), x2="hi:Q", tooltip=tooltip)
+    chance = alt.Chart(pd.DataFrame({"x": [0.5]})).mark_rule(strokeDash=[4, 3], color="#888").encode(x="x:Q")
+    return alt.layer(bars, errors, chance).properties(height=alt.Step(34), description="exp_chart")
 
 
 def duration(seconds: float) -> str:
@@ -211,7 +211,7 @@ except MonitorError as err:
     specs, spec_error = [], str(err)
     st.error(err)
 
-c1, c2, c3, c4, c5 = st.columns(5)
+c1, c2, c3 = st.columns(3)
 n_total = len(all_items)
 n = c1.number_input("Prompts (n, sampled)", 1, MAX_N, key=state.widget_key("exp_n", DEFAULT_N),
                     help="Drawn without replacement with the seed (all of them when n is larger than the set); more "
@@ -223,10 +223,11 @@ state.remember("exp_controls")
 seed = c3.number_input("Seed", 0, 2**31 - 1, key=state.widget_key("exp_seed", 0),
                        help="Seeds the prompt sample, the controls (seed, seed+1, …) and the bootstrap.")
 state.remember("exp_seed")
-greedy = c4.toggle("Greedy replies too", key=state.widget_key("exp_greedy", False),
+c4, c5 = st.columns([1, 2], vertical_alignment="bottom")
+greedy = c4.toggle("Also score greedy replies", key=state.widget_key("exp_greedy", False),
                    help="Decodes a short reply per prompt and condition: about 2–3× slower.")
 state.remember("exp_greedy")
-max_new = c5.number_input("Greedy tokens", 1, 64, key=state.widget_key("exp_max_new", ex.DEFAULT_MAX_NEW_TOKENS),
+max_new = c5.number_input("Greedy reply tokens (at most)", 1, 64, key=state.widget_key("exp_max_new", ex.DEFAULT_MAX_NEW_TOKENS),
                           disabled=not greedy)
 state.remember("exp_max_new")
 
@@ -234,14 +235,19 @@ enabled = [s for s in specs if s.enabled]
 n_conditions = 1 + len(enabled) + (1 if len(enabled) > 1 else 0) + (int(controls) if enabled else 0)
 n_items = min(int(n), n_total) if n_total else 0
 scorings = n_conditions * n_items
-est = scorings * SECONDS_PER_SCORE[bool(greedy)]
+rate = st.session_state.get("_exp_rate", {}).get(bool(greedy))
 device = getattr(getattr(lm, "device", None), "type", "cpu")
+if rate:
+    timing = (f"At this session's last measured rate ({rate:.2g} s per scoring) that is about **{duration(scorings * rate)}**. ")
+elif device == "cpu":
+    lo, hi = SECONDS_PER_SCORE[bool(greedy)]
+    timing = (f"On a CPU expect roughly **{duration(scorings * lo)}–{duration(scorings * hi)}** (the embedded model on 2 "
+              f"cores: {lo:g}–{hi:g} s per scoring, the more the busier the machine"
+              + (", greedy replies included" if greedy else "") + "); a GPU is much faster. ")
+else:
+    timing = ""
 st.caption(f"{n_conditions} condition{'s' * (n_conditions != 1)} × {n_items} prompts = **{scorings:,}** scorings. "
-           + (f"On this machine's CPU that is roughly **{duration(est)}** "
-              f"(about {SECONDS_PER_SCORE[bool(greedy)]:g} s per scoring with the embedded model on 2 cores"
-              + (", greedy replies included" if greedy else "") + "); a GPU is much faster. "
-              if device == "cpu" else "")
-           + "The page stays busy until it finishes.")
+           + timing + "The page stays busy until it finishes.")
 if not enabled and not spec_error:
     st.warning("No steering spec: only the baseline will run (add one here or on the Steering page). Random controls "
                "need a spec to match.")
@@ -281,6 +287,7 @@ if run:
             summary = ex.analyze(result, seed=int(seed))
             status.update(label=f"Done: {total:,} scorings in {result.seconds:.0f} s", state="complete", expanded=False)
         st.session_state["exp_summary"] = summary
+        st.session_state.setdefault("_exp_rate", {})[bool(greedy)] = result.seconds / max(total, 1)
     except MonitorError as err:
         st.error(str(err))
 
@@ -311,7 +318,7 @@ if summary:
                "other wrong; “p vs controls (max)” is the largest p against any single control (the condition beats "
                "every control at that level only if it is small).")
     markdown = ex.to_markdown(summary)
-    with st.container(border=True):
+    with st.expander("The table as Markdown (as the CLI prints it)"):
         st.markdown(markdown)
     d1, d2 = st.columns(2)
     d1.download_button("Download results (JSON)", json.dumps(summary, indent=2, default=_jsonable).encode(),
