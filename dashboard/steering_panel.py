@@ -33,7 +33,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import state
-from dashboard.highlight import NEG_HEX, POS_HEX, token_spans
+from dashboard.highlight import POS_HEX, token_spans
 from dashboard.panels import ChatContext, register_panel
 from engine.concepts import (DEFAULT_K, DEFAULT_STRENGTH, MAX_K, MODES, ConceptSpec, SteeringUnion,
                              parse_token_range, specs_from_json, specs_from_url, specs_to_json, specs_to_url,
