@@ -467,6 +467,8 @@ def specs_from_url(text: str) -> list[ConceptSpec]:
         if not isinstance(item, Mapping) or set(item) - set(_LONG):
             raise MonitorError("This steering link holds an unknown field: it may come from a newer version.")
         d = {_LONG[k]: v for k, v in item.items()}
+        if d.get("mode") not in (None, "t"):
+            raise MonitorError("This steering link holds an unknown mode: it may come from a newer version.")
         d["mode"] = "strengthen" if d.get("mode") == "t" else "suppress"
         if "neurons" in d:
             flat = d["neurons"]

@@ -109,16 +109,17 @@ ITEMS = [Item("Which is bigger: 9.8 or 9.11?", "9.8", "9.11"), Item("Which is bi
          Item("Which is bigger: 6.9 or 6.13?", "6.9", "6.13")]
 
 
-@pytest.mark.parametrize("steer", [None, "prompt+generated", "last_user"])
+@pytest.mark.parametrize("steer", [None, "last_user+generated"])
 def test_batched_forced_choice_equals_sequence_logprob(lm, steer):
     ivs = None
     if steer:
         ivs = [Intervention([(l, n, 1) for l in (3, 10, 20) for n in range(0, 1536, 5)], "replace", 0.0,
                             tokens=TokenRange(steer.split("+")[0], generated="generated" in steer))]
-    prep = prepare(lm, ITEMS)
+    items = ITEMS[:3]
+    prep = prepare(lm, items)
     assert len(prep.groups) == 2 and prep.common > 20  # two rendered lengths; the template is shared
     sc = score(lm, prep, ivs, batch_size=2, greedy=False)
-    for it, m in zip(ITEMS, sc.margin):
+    for it, m in zip(items, sc.margin):
         chat = [{"role": "user", "content": it.prompt}]
         ref = sequence_logprob(lm, chat, it.correct, ivs, prefix=DECIMALS_PREFIX) - \
             sequence_logprob(lm, chat, it.wrong, ivs, prefix=DECIMALS_PREFIX)
@@ -133,9 +134,9 @@ def test_batched_greedy_equals_generate(lm):
     items = [Item("Which is bigger: 9.8 or 9.11?", "apple", "pear"), Item("Which is bigger: 4.14 or 4.8?", "apple", "pear")]
     prep = prepare(lm, items, prefix="")
     for iv in (None, ivs):
-        sc = score(lm, prep, iv, max_new_tokens=6, batch_size=2)
+        sc = score(lm, prep, iv, max_new_tokens=4, batch_size=2)
         for it, reply in zip(items, sc.greedy):
-            ref = generate(lm, [{"role": "user", "content": it.prompt}], max_new_tokens=6, interventions=iv)
+            ref = generate(lm, [{"role": "user", "content": it.prompt}], max_new_tokens=4, interventions=iv)
             assert reply == ref.text
 
 
@@ -148,14 +149,16 @@ def test_conditions_and_report(lm):
     union_layers = conds[3].per_layer()
     assert union_layers == {5: 30, 9: 10}
     assert all(c.per_layer() == union_layers for c in conds[4:]) and conds[4].seed == 7 and conds[5].seed == 8
-    result = run_experiment(lm, ITEMS[:3], conds, max_new_tokens=5, batch_size=4, config={"model": "embedded"})
+    conds = conds[:1] + conds[3:5]  # baseline, union, one control: enough for the report's structure
+    result = run_experiment(lm, ITEMS[:2], conds, max_new_tokens=3, batch_size=4, config={"model": "embedded"})
     summary = analyze(result, seed=0)
     rows = summary["conditions"]
-    assert [r["name"] for r in rows][:3] == ["baseline", "a (suppress 30)", "b (suppress 20)"]
+    assert [r["kind"] for r in rows] == ["baseline", "union", "control"] and rows[1]["neurons"] == 40
     for r in rows:
         fc = r["forced_choice"]
-        assert fc["lo"] <= fc["acc"] <= fc["hi"] and r["greedy"]["n"] == 3
-    assert "vs_controls" in rows[3]["forced_choice"] and "vs_controls" not in rows[4]["forced_choice"]
+        assert fc["lo"] <= fc["acc"] <= fc["hi"] and r["greedy"]["n"] == 2
+    assert "vs_controls" in rows[1]["forced_choice"] and "vs_controls" not in rows[2]["forced_choice"]
+    assert "vs_baseline" in rows[2]["greedy"] and "vs_baseline" not in rows[0]["greedy"]
     md = to_markdown(summary)
     assert md.count("\n| ") == len(rows) and "random control 1 (seed 7)" in md and summary["verdict"] in md
     json.dumps(summary)
@@ -170,14 +173,14 @@ def _cli(*args):
 def test_cli_decimals_json_and_markdown(embedded_db, tmp_path):
     md = tmp_path / "table.md"
     res = _cli("decimals", "--model", "embedded", "--db", str(embedded_db), "--steer", "Bible verses:suppress:50",
-               "--steer", "dates:suppress:50", "--controls", "1", "--n", "6", "--seed", "3", "--max-new-tokens", "5",
+               "--steer", "dates:suppress:50", "--controls", "1", "--n", "3", "--seed", "3", "--max-new-tokens", "3",
                "--json", "--markdown", str(md))
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     names = [r["name"] for r in out["conditions"]]
     assert names == ["baseline", "Bible verses (suppress 50)", "dates (suppress 50)", "union of Bible verses + dates",
                      "random control 1 (seed 3)"]
-    assert out["n"] == 6 and out["config"]["db"] == str(embedded_db)
+    assert out["n"] == 3 and out["config"]["db"] == str(embedded_db)
     assert out["conditions"][-1]["per_layer"] == out["conditions"][3]["per_layer"]
     assert md.read_text().startswith("| condition |")
 

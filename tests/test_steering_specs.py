@@ -287,7 +287,7 @@ def test_compare_generations_and_answer_probabilities(lm, db):
 
     chat = [{"role": "user", "content": "Which is bigger: 9.8 or 9.11?"}]
     u, q = resolve(db, [ConceptSpec("dates", k=300, tokens="prompt+generated")])
-    d = compare_generations(lm, chat, u.interventions, q, max_new_tokens=6)
+    d = compare_generations(lm, chat, u.interventions, q, max_new_tokens=4)
     assert len(d.base_changed) == len(d.base.token_ids) and len(d.steered_changed) == len(d.steered.token_ids)
     if d.first_divergence is None:
         assert not any(d.base_changed) and not any(d.steered_changed)
