@@ -64,14 +64,19 @@ def token_layout(tokens: Sequence[str], line_width: float = _LINE_W) -> pd.DataF
 
 def token_chart(tokens: Sequence[str], top_next: Sequence[Sequence[tuple[str, float]]] | None = None,
                 token_prob: Sequence[float | None] | None = None, values: Sequence[float] | None = None,
-                value_title: str = "activation", target: int | None = None, dark: bool = False) -> alt.LayerChart:
-    """The conversation's tokens as a wrapped, clickable grid.
+                value_title: str = "activation", target: int | None = None,
+                dark: bool = False) -> tuple[pd.DataFrame, dict]:
+    """The conversation's tokens as a wrapped, clickable grid: (data, Vega-Lite spec) for
+    ``st.vega_lite_chart(data, spec)``.
 
     Fill: ``values`` (the selected neuron's activation, red positive / blue negative, opacity
     ∝ |value| / max |value|); none when ``values`` is None. Text takes the theme's text colour
     (``dark``: Vega draws text black unless told). The ``target`` token is outlined in
     orange. Hover shows the token, p(token | prefix) and the top-5 next tokens after it; a click
     selects the token (selection ``tok``, field ``pos``).
+
+    Written as a plain spec, not Altair: building this layered chart with Altair validated each
+    encoding and cost ~50-100 ms per rerun; the unit tests validate the spec against the schema.
     """
     df = token_layout(tokens)
     n = len(df)
@@ -88,26 +93,41 @@ def token_chart(tokens: Sequence[str], top_next: Sequence[Sequence[tuple[str, fl
     df["label"] = [f"{i}: {t!r}" for i, t in zip(df["pos"], df["text"])]
     height = float(df["y1"].max() + 4) if n else _ROW_H
     width = float(min(_LINE_W, df["x1"].max() + 4)) if n else _LINE_W
-    xs = alt.Scale(domain=[0, width], range=[0, width], nice=False, zero=False)
-    ys = alt.Scale(domain=[0, height], range=[0, height], nice=False, zero=False)
-    sel = alt.selection_point(name=TOKEN_SELECTION, fields=["pos"], on="click", empty=False)
-    tooltip = [alt.Tooltip("label:N", title="token"), alt.Tooltip("p:N", title="p(token | before)"),
-               alt.Tooltip("next5:N", title="top-5 next tokens")]
+    tooltip = [{"field": "label", "type": "nominal", "title": "token"},
+               {"field": "p", "type": "nominal", "title": "p(token | before)"},
+               {"field": "next5", "type": "nominal", "title": "top-5 next tokens"}]
     if values is not None:
-        tooltip.append(alt.Tooltip("value:Q", title=value_title, format="+.3f"))
-    base = alt.Chart(df).encode(
-        x=alt.X("x0:Q", scale=xs, axis=None), y=alt.Y("y0:Q", scale=ys, axis=None), tooltip=tooltip)
-    boxes = base.mark_rect(cornerRadius=3, cursor="pointer").encode(
-        x2="x1:Q", y2="y1:Q",
-        color=alt.Color("polarity:N", scale=alt.Scale(domain=POLARITY_DOMAIN, range=POLARITY_RANGE), legend=None),
-        fillOpacity=alt.FillOpacity("strength:Q", scale=alt.Scale(domain=[0, 1], range=[0.04, 0.85]), legend=None),
-        stroke=alt.condition("datum.is_target", alt.value(TARGET_HEX), alt.value("rgba(128,128,128,0.45)")),
-        strokeWidth=alt.condition("datum.is_target", alt.value(2.5), alt.value(0.6)),
-    ).add_params(sel)
-    text = base.mark_text(align="left", baseline="middle", dx=_PAD / 2, dy=(_ROW_H - 4) / 2,
-                          font="monospace", fontSize=12, cursor="pointer",
-                          color=TEXT_DARK_THEME if dark else TEXT_LIGHT_THEME).encode(text="text:N")
-    return alt.layer(boxes, text).properties(width=width, height=height, description="token_chart")
+        tooltip.append({"field": "value", "type": "quantitative", "title": value_title, "format": "+.3f"})
+    position = {
+        "x": {"field": "x0", "type": "quantitative", "axis": None,
+              "scale": {"domain": [0, width], "range": [0, width], "nice": False, "zero": False}},
+        "y": {"field": "y0", "type": "quantitative", "axis": None,
+              "scale": {"domain": [0, height], "range": [0, height], "nice": False, "zero": False}},
+        "tooltip": tooltip,
+    }
+    boxes = {
+        "mark": {"type": "rect", "cornerRadius": 3, "cursor": "pointer"},
+        "params": [{"name": TOKEN_SELECTION, "select": {"type": "point", "fields": ["pos"], "on": "click"}}],
+        "encoding": {
+            **position,
+            "x2": {"field": "x1"}, "y2": {"field": "y1"},
+            "color": {"field": "polarity", "type": "nominal", "legend": None,
+                      "scale": {"domain": POLARITY_DOMAIN, "range": POLARITY_RANGE}},
+            "fillOpacity": {"field": "strength", "type": "quantitative", "legend": None,
+                            "scale": {"domain": [0, 1], "range": [0.04, 0.85]}},
+            "stroke": {"condition": {"test": "datum.is_target", "value": TARGET_HEX},
+                       "value": "rgba(128,128,128,0.45)"},
+            "strokeWidth": {"condition": {"test": "datum.is_target", "value": 2.5}, "value": 0.6},
+        },
+    }
+    text = {
+        "mark": {"type": "text", "align": "left", "baseline": "middle", "dx": _PAD / 2, "dy": (_ROW_H - 4) / 2,
+                 "font": "monospace", "fontSize": 12, "cursor": "pointer",
+                 "color": TEXT_DARK_THEME if dark else TEXT_LIGHT_THEME},
+        "encoding": {**position, "text": {"field": "text", "type": "nominal"}},
+    }
+    spec = {"description": "token_chart", "width": width, "height": height, "layer": [boxes, text]}
+    return df, spec
 
 
 def heatmap(df: pd.DataFrame, tokens: Sequence[str], field: str, title: str, n_layers: int) -> alt.Chart:

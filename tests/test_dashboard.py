@@ -99,7 +99,10 @@ def chart(at: AppTest, key: str) -> tuple[dict, list[pd.DataFrame]]:
     for el in at.get("vega_lite_chart"):
         spec = json.loads(el.proto.spec)
         if spec.get("description") == key:
-            return spec, [convert_arrow_bytes_to_pandas_df(d.data.data) for d in el.proto.datasets]
+            data = [convert_arrow_bytes_to_pandas_df(d.data.data) for d in el.proto.datasets]
+            if el.proto.HasField("data") and el.proto.data.data:  # st.vega_lite_chart(data, spec)
+                data.insert(0, convert_arrow_bytes_to_pandas_df(el.proto.data.data))
+            return spec, data
     raise AssertionError(f"no chart {key!r}")
 
 

@@ -409,10 +409,10 @@ with strip_box:
     st.markdown("**Tokens** · click one to make it the target (outlined in orange); hover for the top-5 next tokens"
                 + (f" · coloured by the inspected neuron **L{inspected[0]}/N{inspected[1]}** (red positive, "
                    "blue negative)" if inspected is not None else ""))
-    token_chart = charts.token_chart(tokens, fwd.top_next, fwd.next_token_prob, vals, vtitle, target,
-                                     dark=state.dark_theme())
-    st.altair_chart(charts.unvalidated(token_chart), key="token_chart", on_select=_on_token_click,
-                    selection_mode=charts.TOKEN_SELECTION, width="content")
+    token_data, token_spec = charts.token_chart(tokens, fwd.top_next, fwd.next_token_prob, vals, vtitle, target,
+                                                dark=state.dark_theme())
+    st.vega_lite_chart(token_data, token_spec, key="token_chart", on_select=_on_token_click,
+                       selection_mode=charts.TOKEN_SELECTION, width="content")
 
 # --------------------------------------------------------------------------- extension panels (issue 5)
 ctx = ChatContext(res=res, chat=chat, trace=target_trace, mode=mode, target=target if mode == "Attribution" else None,
