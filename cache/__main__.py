@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from engine.errors import MonitorError
+from engine.errors import MonitorError, run_command
 
 SEARCH_FIELDS = ["layer", "neuron", "polarity", "description", "score", "similarity", "top_exemplar"]
 
@@ -67,11 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except MonitorError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    return run_command(run, args)
 
 
 def run(args: argparse.Namespace) -> int:

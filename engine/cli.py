@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Callable
 
-from .errors import MonitorError
+from .errors import MonitorError, run_command
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -123,11 +122,4 @@ EXTRA_COMMANDS.append(_register_experiment)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MonitorError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args.func, args)

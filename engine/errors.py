@@ -11,3 +11,19 @@ class MonitorError(Exception):
     """A problem the user can fix; ``str(err)`` is a one-line instruction."""
 
     exit_code = 2
+
+
+def run_command(func, args, interrupted: str = "interrupted") -> int:
+    """Run a CLI command: a :class:`MonitorError` becomes one ``error: …`` line on stderr
+    and its exit code (2); Ctrl-C prints ``interrupted`` and exits 130. Shared by the
+    ``engine``, ``precompute`` and ``cache`` command lines."""
+    import sys
+
+    try:
+        return func(args)
+    except MonitorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"error: {interrupted}", file=sys.stderr)
+        return 130

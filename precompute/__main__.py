@@ -22,7 +22,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from engine.errors import MonitorError  # noqa: E402
+from engine.errors import MonitorError, run_command  # noqa: E402
 
 from .pipeline import STAGES, Build, BuildConfig  # noqa: E402
 
@@ -163,14 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(m)
     m.set_defaults(func=cmd_merge)
     args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except MonitorError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; re-run the same command to resume.", file=sys.stderr)
-        return 130
+    return run_command(args.func, args, "interrupted; re-run the same command to resume.")
 
 
 if __name__ == "__main__":
