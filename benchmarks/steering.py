@@ -4,18 +4,20 @@
 
 * ``generation``: the median wall time of one greedy 32-token generation of the headline
   prompt, unsteered and steered, measured alternately in the same process after a
-  warm-up; ``ratio = steered / unsteered`` (target ≤ 1.15), and per generated token in
-  case steering ends a generation early. Two steerings are timed:
+  warm-up; ``ratio = steered / unsteered`` (target ≤ 1.15). Two steerings are timed:
   the default token range (the last user turn) and ``prompt+generated`` (the ops then run
-  on every decoding step too). The steered neurons are the union of
+  on every decoding step too; if that steering ends the reply early, its ratio is taken
+  against an unsteered generation of the same length). The steered neurons are the union of
   "Bible verses:suppress:500" and "dates:suppress:500" resolved in the database
-  (``--db``, default ``cache/<model>.duckdb``); without a database, as many random neurons
+  (``--db``, default ``cache/<model>.duckdb``); without a database, 1,000 random neurons
   spread over every layer (``"neurons_source": "random"``).
 * ``experiment`` (only with ``--experiment``, slow): the wall time of
   ``python -m engine experiment decimals --n 200`` with those 2 specs and 3 controls,
   run in-process (target ≤ 600 s), and its forced-choice accuracies.
 
-Timings on a shared machine are noisy; the ratio compares runs interleaved in one process.
+Timings on a shared machine are noisy; the ratio compares runs interleaved in one process
+(order alternating), and ``ops_ratio_*`` adds the steering ops timed in isolation to the
+unsteered median, which is what the ratio measures without the machine's noise.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -59,14 +60,16 @@ def steering_neurons(lm, db_path: str | None) -> tuple[list[tuple[int, int, int]
         return [(int(i // lm.n_neurons), int(i % lm.n_neurons), 1) for i in sorted(flat)], "random"
 
 
-def time_generation(lm, interventions_by_name: dict, tokens: int, repeats: int) -> dict:
-    """Median seconds per generation for each named intervention list, runs interleaved."""
-    times: dict[str, list[float]] = {k: [] for k in interventions_by_name}
+def time_generation(lm, runs: dict, repeats: int) -> dict:
+    """Median seconds per generation for each named (interventions, max_new_tokens), runs interleaved."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
     lengths: dict[str, int] = {}
-    for ivs in interventions_by_name.values():  # warm-up
+    for ivs, tokens in runs.values():  # warm-up
         generate(lm, PROMPT, max_new_tokens=tokens, interventions=ivs)
-    for _ in range(repeats):
-        for name, ivs in interventions_by_name.items():
+    names = list(runs)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:  # alternate the order so drift cancels
+            ivs, tokens = runs[name]
             t0 = time.perf_counter()
             g = generate(lm, PROMPT, max_new_tokens=tokens, interventions=ivs)
             times[name].append(time.perf_counter() - t0)
@@ -74,8 +77,34 @@ def time_generation(lm, interventions_by_name: dict, tokens: int, repeats: int) 
     return {name: {"median_s": statistics.median(ts), "tokens": lengths[name]} for name, ts in times.items()}
 
 
-def _per_token(t: dict) -> float:
-    return t["median_s"] / max(1, t["tokens"])
+def hook_ops_cost(lm, interventions, tokens: int, repeats: int = 200) -> dict:
+    """Seconds the steering ops themselves take per generation (noise-robust complement).
+
+    Times :func:`engine.steering.apply_layer_ops` for every steered layer on tensors shaped
+    like the real ones: once over the prompt ``[1, prompt_len, neurons]`` and ``tokens − 1``
+    times on one decoding position ``[1, 1, neurons]``.
+    """
+    from engine.chat import render_chat
+    from engine.steering import apply_layer_ops, compile_interventions
+
+    rendered = render_chat(lm.tokenizer, PROMPT)
+    n = len(rendered)
+    compiled = compile_interventions(interventions, rendered, lm.n_layers, lm.n_neurons)
+    ops = [o for rounds in compiled.layers.values() for o in rounds]
+    x_prompt = torch.randn(1, n, lm.n_neurons)
+    x_step = torch.randn(1, 1, lm.n_neurons)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for o in ops:
+                apply_layer_ops(x_prompt, o, 0, n)
+        prompt_s = (time.perf_counter() - t0) / repeats
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for o in ops:
+                apply_layer_ops(x_step, o, n + 1, n)
+        step_s = (time.perf_counter() - t0) / repeats
+    return {"prompt_s": prompt_s, "per_step_s": step_s, "per_generation_s": prompt_s + (tokens - 1) * step_s}
 
 
 def run_experiment_timing(lm, db_path: str | None, n: int, controls: int, seed: int) -> dict:
@@ -104,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="embedded")
     p.add_argument("--db", default=None, help="neuron database (default: cache/<model>.duckdb, else random neurons)")
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--experiment", action="store_true", help="also time the decimals experiment (slow: minutes)")
     p.add_argument("--n", type=int, default=200)
@@ -116,25 +145,33 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     neurons, source = steering_neurons(lm, args.db)
-    gen = time_generation(lm, {
-        "unsteered": None,
-        "steered_last_user": [Intervention(neurons, "replace", 0.0, tokens=TokenRange("last_user"))],
-        "steered_prompt_generated": [Intervention(neurons, "replace", 0.0, tokens=TokenRange("prompt", generated=True))],
-    }, args.tokens, args.repeats)
+    last_user = [Intervention(neurons, "replace", 0.0, tokens=TokenRange("last_user"))]
+    everywhere = [Intervention(neurons, "replace", 0.0, tokens=TokenRange("prompt", generated=True))]
+    # Steering every generated token can change where the reply ends; its baseline is an
+    # unsteered generation of the same length.
+    n_everywhere = len(generate(lm, PROMPT, max_new_tokens=args.tokens, interventions=everywhere).token_ids)
+    runs = {"unsteered": (None, args.tokens), "steered_last_user": (last_user, args.tokens),
+            "steered_prompt_generated": (everywhere, args.tokens)}
+    if n_everywhere != args.tokens:
+        runs["unsteered_same_length"] = (None, n_everywhere)
+    gen = time_generation(lm, runs, args.repeats)
     base = gen["unsteered"]["median_s"]
+    base_same = gen.get("unsteered_same_length", gen["unsteered"])["median_s"]
     out = {
         "model": lm.name, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "neurons": len({(l, n) for l, n, _ in neurons}), "neurons_source": source,
         "generation": {
             "tokens": args.tokens, "repeats": args.repeats, **gen,
             "ratio": gen["steered_last_user"]["median_s"] / base,
-            "ratio_prompt_generated": gen["steered_prompt_generated"]["median_s"] / base,
-            # Steering can end a generation early (end-of-sequence); per generated token is then the fair ratio.
-            "per_token_ratio": _per_token(gen["steered_last_user"]) / _per_token(gen["unsteered"]),
-            "per_token_ratio_prompt_generated": _per_token(gen["steered_prompt_generated"]) / _per_token(gen["unsteered"]),
+            "ratio_prompt_generated": gen["steered_prompt_generated"]["median_s"] / base_same,
             "target_ratio": 1.15,
         },
     }
+    # The ops alone, timed in isolation: (unsteered + ops) / unsteered is the ratio without machine noise.
+    for name, ivs in (("last_user", last_user), ("prompt_generated", everywhere)):
+        cost = hook_ops_cost(lm, ivs, args.tokens)
+        out["generation"][f"ops_{name}"] = cost
+        out["generation"][f"ops_ratio_{name}"] = (base + cost["per_generation_s"]) / base
     if args.experiment:
         out["experiment"] = run_experiment_timing(lm, None if source == "random" else source, args.n, args.controls,
                                                   args.seed)

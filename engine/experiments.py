@@ -21,10 +21,13 @@ Statistics (:mod:`engine.stats`): accuracy with 95% bootstrap intervals, exact M
 tests of each condition against the baseline and against every control.
 
 Speed: prompts are grouped by rendered length (same length and last-user span ⇒ the
-same position mask, so one compiled intervention set and no padding); per batch one
-forward over prompt + stem fills a KV cache that serves both scores: the candidates'
-tokens run on a copy repeated ×2, greedy decoding continues on the original.
-Measured on 2 CPU cores: see ``python -m benchmarks.steering --experiment``.
+same position mask, so one compiled intervention set and no padding). The tokens every
+prompt shares (system prompt, template, "Which is bigger: ") run once per group into a
+KV cache; per batch one forward over the rest of prompt + stem extends a copy of it and
+serves both scores: the candidates' tokens run on a copy repeated ×2, greedy decoding
+continues on the original. Each prompt thus costs about 25 token positions plus 2 × 3
+candidate positions and a few decoding steps, instead of 2 × 50 + 8 unbatched. Measured:
+``python -m benchmarks.steering --experiment``.
 """
 
 from __future__ import annotations
@@ -493,8 +496,8 @@ def analyze(result: ExperimentResult, seed: int = 0, level: float = 0.95) -> dic
     percentile-bootstrap interval; against the baseline: the difference, its paired
     bootstrap interval and McNemar's exact p; for spec and union conditions, against the
     controls: the difference from the controls' mean per-prompt accuracy (paired
-    bootstrap interval) and McNemar's p against each control (``p_max`` is the largest,
-    i.e. the condition beats *every* control at that level).
+    bootstrap interval) and McNemar's p against each control (``p_max`` is the largest:
+    below α, the condition differs from *every* control at that level).
     """
     from .stats import accuracy_summary, mcnemar_exact, paired_bootstrap_diff_ci
 

@@ -8,9 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from engine.concepts import ConceptSpec, Selection, layer_counts
+from engine.concepts import ConceptSpec, Selection
 from engine.errors import MonitorError
 from engine.experiments import (
     DECIMALS_PREFIX, Item, analyze, build_conditions, decimal_items, judge, load_items, parse_items, prepare,

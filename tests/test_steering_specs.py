@@ -16,7 +16,7 @@ from engine.concepts import (
     token_range_text, union,
 )
 from engine.errors import MonitorError
-from engine.steering import Intervention, TokenRange, compile_interventions
+from engine.steering import TokenRange, compile_interventions
 from engine.trace import run_trace
 
 MULTI = [
