@@ -55,7 +55,7 @@ def collect_ratio(model: str = "embedded", batches: int = 24, batch_size: int = 
             with NeuronHooks(lm, capture=True) as hooks:
                 t0 = time.perf_counter()
                 lm.model.model(input_ids=x)
-                col.update(torch.arange(b, b + len(x)), torch.cat(hooks.captured, dim=-1))
+                col.update_layers(torch.arange(b, b + len(x)), hooks.captured)
                 coll_t.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         col.flush()

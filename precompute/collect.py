@@ -42,7 +42,7 @@ def extremes_needed(n_tokens: int, max_level: float = 1e-3) -> int:
 
 @dataclass
 class CollectorState:
-    top_vals: torch.Tensor  # [2, F, K] float32 per polarity (0: max, 1: −min), descending
+    top_vals: torch.Tensor  # [2, F, K] float32 per polarity (0: max, 1: −min); sorted descending after flush()
     top_ids: torch.Tensor  # [2, F, K] int64 sequence ids (NO_ID = empty)
     top_acts: torch.Tensor  # [2, F, K, T] float16 per-token activations of those sequences
     ext: torch.Tensor  # [2, F, M] float32: the M largest values / largest negated values, descending
@@ -84,95 +84,154 @@ class Collector:
         )
         self._pool = [([], []), ([], [])]  # per polarity: candidate (feature, value) chunks
         self._pool_size = [0, 0]
+        self._buf = None  # (acts [b, F, T], max [b, F], min [b, F]) reused by update_layers
 
     # -- sequences -------------------------------------------------------------------
     def _update_top(self, p: int, best: torch.Tensor, seq_ids: torch.Tensor, acts: torch.Tensor) -> None:
-        """best [b, F]: each sequence's signed max; acts [b, T, F]. Only neurons where a
-        sequence reaches the current K-th value are touched."""
+        """best [b, F]: each sequence's signed max; acts [b, F, T].
+
+        The K slots of a feature are kept in arrival order, not sorted: a batch only
+        decides, on values and ids alone, which slots are evicted and which sequences
+        enter, then writes the entering sequences' activations into the freed slots.
+        So the per-token copy is proportional to what enters the top lists (a few
+        percent of the stream after the first batches), not to what is compared.
+        """
         s = self.state
-        kth = s.top_vals[p, :, -1]
-        touched = torch.nonzero((best >= kth[None, :]).any(0)).flatten()  # [S]
+        worst = s.top_vals[p].amin(dim=1)  # [F] the K-th best value (−inf while a slot is empty)
+        touched = torch.nonzero((best >= worst[None, :]).any(0)).flatten()  # [S]
         if touched.numel() == 0:
             return
+        k = self.k
         b = best.shape[0]
         vals = torch.cat([s.top_vals[p, touched], best[:, touched].T], dim=1)  # [S, K+b]
         ids = torch.cat([s.top_ids[p, touched], seq_ids[None, :].expand(touched.numel(), b)], dim=1)
-        pick = _top_rows(vals, ids, self.k)  # [S, K]
-        if touched.numel() * 8 > self.f:
-            new_acts = acts.permute(2, 0, 1)[touched]  # [S, b, T]
-        else:
-            new_acts = acts[:, :, touched].permute(2, 0, 1)
-        merged = torch.cat([s.top_acts[p, touched], new_acts.to(torch.float16)], dim=1)  # [S, K+b, T]
-        s.top_vals[p, touched] = vals.gather(1, pick)
-        s.top_ids[p, touched] = ids.gather(1, pick)
-        s.top_acts[p, touched] = merged.gather(1, pick[:, :, None].expand(-1, -1, self.t))
+        pick = _top_rows(vals, ids, k)  # [S, K] columns of the new top-K
+        kept = torch.zeros(vals.shape, dtype=torch.bool, device=vals.device).scatter_(1, pick, True)
+        # Per row, as many old slots are evicted as new sequences enter; nonzero() lists
+        # both row by row, so the i-th freed slot receives the i-th entering sequence.
+        _, slot = torch.nonzero(~kept[:, :k], as_tuple=True)
+        row, new = torch.nonzero(kept[:, k:], as_tuple=True)
+        if row.numel() == 0:
+            return
+        feat = touched[row]
+        s.top_vals[p, feat, slot] = best[new, feat]
+        s.top_ids[p, feat, slot] = seq_ids[new]
+        s.top_acts[p, feat, slot] = acts[new, feat].to(torch.float16)
+
+    def _sort_slots(self) -> None:
+        """Order every top list by value descending, then sequence id ascending."""
+        s = self.state
+        for p in (0, 1):
+            pick = _top_rows(s.top_vals[p], s.top_ids[p], self.k)
+            s.top_vals[p] = s.top_vals[p].gather(1, pick)
+            s.top_ids[p] = s.top_ids[p].gather(1, pick)
+            s.top_acts[p] = s.top_acts[p].gather(1, pick[:, :, None].expand(-1, -1, self.t))
 
     # -- token extremes ---------------------------------------------------------------
     def _update_ext(self, p: int, best: torch.Tensor, body: torch.Tensor, sign: float) -> None:
         """Keep token values that beat the current M-th. A sequence whose max does not
         beat it has no such token, so only (sequence, neuron) pairs with ``best > thr``
-        are read. best [b, F]; body [b, T', F] unsigned."""
+        are read. best [b, F]; body [b, F, T'] unsigned."""
         s = self.state
         thr = s.ext[p, :, -1]
         if int(s.n_tokens) == 0:  # empty state: a dense top-M of the first batch
-            flat = (sign * body).reshape(-1, self.f).T  # [F, b·T']
+            flat = (sign * body).permute(1, 0, 2).reshape(self.f, -1)  # [F, b·T']
             top = torch.topk(flat, min(self.m, flat.shape[1]), dim=1).values
             s.ext[p, :, : top.shape[1]] = top
             return
         bi, fi = torch.nonzero(best > thr[None, :], as_tuple=True)
         if fi.numel() == 0:
             return
-        vals = sign * body[bi, :, fi]  # [P, T']
-        keep = vals > thr[fi][:, None]
-        self._pool[p][0].append(fi[:, None].expand_as(vals)[keep])
-        self._pool[p][1].append(vals[keep])
-        self._pool_size[p] += int(keep.sum())
+        vals = body[bi, fi]  # [P, T'], contiguous rows
+        if sign < 0:
+            vals.neg_()
+        r, c = torch.nonzero(vals > thr[fi][:, None], as_tuple=True)
+        self._pool[p][0].append(fi[r])
+        self._pool[p][1].append(vals[r, c])
+        self._pool_size[p] += r.numel()
         if self._pool_size[p] > self.pool_limit:
             self._compact(p)
 
     def _compact(self, p: int) -> None:
-        """Merge pooled candidates into ``ext``: per feature, top-M of old ∪ new."""
+        """Merge pooled candidates into ``ext``: per feature, top-M of old ∪ new.
+
+        Candidates are grouped by feature in order of how many each feature has, so a
+        block of rows padded to its longest row wastes little (counts are skewed: a few
+        features have several times the mean)."""
         feats, vals = self._pool[p]
         self._pool[p] = ([], [])
         self._pool_size[p] = 0
         if not feats:
             return
         f, v = torch.cat(feats), torch.cat(vals)
-        order = torch.sort(f, stable=True).indices
-        f, v = f[order], v[order]
-        uniq, counts = torch.unique_consecutive(f, return_counts=True)
+        cnt = torch.bincount(f, minlength=self.f)
+        by_count = torch.argsort(cnt)[int((cnt == 0).sum()) :]  # features with candidates, fewest first
+        row_of = torch.empty(self.f, dtype=torch.long, device=f.device)
+        row_of[by_count] = torch.arange(by_count.numel(), device=f.device)
+        row = row_of[f]
+        order = torch.sort(row).indices
+        row, v = row[order], v[order]
+        counts = cnt[by_count]  # ascending
         starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(f.numel()) - torch.repeat_interleave(starts, counts)
-        row = torch.repeat_interleave(torch.arange(uniq.numel()), counts)
-        chunk = max(1, 40_000_000 // (int(counts.max()) + self.m))
-        for a in range(0, uniq.numel(), chunk):
-            sel = (row >= a) & (row < a + chunk)
-            u = uniq[a : a + chunk]
-            pad = torch.full((u.numel(), int(counts[a : a + chunk].max())), -math.inf, device=self.device)
-            pad[row[sel] - a, rank[sel]] = v[sel]
-            both = torch.cat([self.state.ext[p, u], pad], dim=1)
-            self.state.ext[p, u] = torch.topk(both, self.m, dim=1).values
+        rank = torch.arange(row.numel(), device=f.device) - torch.repeat_interleave(starts, counts)
+        n_rows, a = by_count.numel(), 0
+        while a < n_rows:
+            e = min(n_rows, a + 8192)
+            e = min(e, a + max(1, 40_000_000 // (int(counts[e - 1]) + self.m)))
+            lo, hi = int(starts[a]), int(starts[e - 1] + counts[e - 1])
+            pad = torch.full((e - a, int(counts[e - 1])), -math.inf, device=self.device)
+            pad[row[lo:hi] - a, rank[lo:hi]] = v[lo:hi]
+            u = by_count[a:e]
+            self.state.ext[p, u] = torch.topk(torch.cat([self.state.ext[p, u], pad], dim=1), self.m, dim=1).values
+            a = e
 
     def flush(self) -> None:
-        """Fold pending extreme candidates into the state (before saving or reading it)."""
+        """Fold pending extreme candidates into the state and sort the top lists
+        (before saving or reading it)."""
         for p in (0, 1):
             self._compact(p)
+        self._sort_slots()
 
     def update(self, seq_ids: torch.Tensor, acts: torch.Tensor) -> None:
-        """Fold one batch in. ``seq_ids`` [b]; ``acts`` [b, T, F]."""
-        s = self.state
+        """Fold one batch in. ``seq_ids`` [b]; ``acts`` [b, F, T], feature-major, so a
+        neuron's activations over a sequence are one contiguous row."""
         acts = acts.to(self.device)
+        body = acts[:, :, self.skip :]
+        self._fold(seq_ids, acts, body.amax(dim=-1), body.amin(dim=-1).neg_())
+
+    def update_layers(self, seq_ids: torch.Tensor, per_layer: list[torch.Tensor]) -> None:
+        """Fold one batch in from the hooks' per-layer ``[b, T, N]`` activations.
+
+        Each layer is transposed into a reused feature-major buffer (feature
+        ``f = layer × N + neuron``) and its per-sequence max/min are taken while it is
+        still in cache; reusing the buffer avoids page-faulting a fresh one per batch."""
+        b, t, n = per_layer[0].shape
+        shape = (b, n * len(per_layer), t)
+        if self._buf is None or self._buf[0].shape != shape:
+            self._buf = (torch.empty(shape, device=self.device), torch.empty(shape[:2], device=self.device),
+                         torch.empty(shape[:2], device=self.device))
+        acts, mx, mn = self._buf
+        for i, x in enumerate(per_layer):
+            cols = slice(i * n, (i + 1) * n)
+            acts[:, cols] = x.transpose(1, 2)
+            body = x[:, self.skip :]
+            mx[:, cols] = body.amax(dim=1)
+            mn[:, cols] = body.amin(dim=1)
+        self._fold(seq_ids, acts, mx, mn.neg_())
+
+    def _fold(self, seq_ids: torch.Tensor, acts: torch.Tensor, best_max: torch.Tensor, best_neg_min: torch.Tensor) -> None:
+        s = self.state
         seq_ids = seq_ids.to(self.device).long()
-        body = acts[:, self.skip :, :]  # [b, T − skip, F]
-        for p, sign, best in ((0, 1.0, body.amax(dim=1)), (1, -1.0, -body.amin(dim=1))):
+        body = acts[:, :, self.skip :]  # [b, F, T − skip]
+        for p, sign, best in ((0, 1.0, best_max), (1, -1.0, best_neg_min)):
             self._update_top(p, best, seq_ids, acts)
             self._update_ext(p, best, body, sign)
-        s.n_tokens += int(body.shape[0] * body.shape[1])
+        s.n_tokens += int(body.shape[0] * body.shape[2])
         hit = torch.isin(s.random_ids, seq_ids.cpu())
         if hit.any():
             pos = {int(x): j for j, x in enumerate(seq_ids.tolist())}
             for r in torch.nonzero(hit).flatten().tolist():
-                s.random_acts[r] = acts[pos[int(s.random_ids[r])]].to(torch.float16).cpu()
+                s.random_acts[r] = acts[pos[int(s.random_ids[r])]].T.to(torch.float16).cpu()
                 s.random_seen[r] = True
 
     def merge(self, other: "Collector") -> None:

@@ -268,7 +268,7 @@ class Build:
             for j in range(start, len(mine)):
                 batch = torch.from_numpy(mine[j])
                 lm.model.model(input_ids=ids[batch].to(lm.device))
-                col.update(batch, torch.cat(hooks.captured, dim=-1))  # [b, T, layers·neurons]
+                col.update_layers(batch, hooks.captured)
                 col.state.next_batch = torch.tensor(j + 1)
                 bar.update(1)
                 if (j + 1) % self.cfg.checkpoint_every == 0 and j + 1 < len(mine):

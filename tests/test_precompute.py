@@ -16,7 +16,7 @@ import torch
 
 from engine.errors import MonitorError
 from engine.hooks import NeuronHooks
-from precompute.collect import QUANTILE_LEVELS, Collector
+from precompute.collect import QUANTILE_LEVELS, Collector, extremes_needed
 from precompute.pipeline import STAGES, Build, BuildConfig
 
 from .conftest import ROOT
@@ -139,8 +139,8 @@ def test_collector_merge_is_exact_with_ties():
     halves = [Collector(f, t, 6, 30, random_ids=[2, 17], pool_limit=300) for _ in range(2)]
     for i in range(8):
         x, ids = data[i * b : (i + 1) * b], torch.arange(i * b, (i + 1) * b)
-        one.update(ids, x)
-        halves[i % 2].update(ids, x)
+        one.update(ids, x.transpose(1, 2))  # feature-major [b, F, T]
+        halves[i % 2].update(ids, x.transpose(1, 2))
     halves[0].merge(halves[1])
     one.flush()
     for name in ("top_vals", "top_ids", "top_acts", "ext", "random_acts"):
@@ -153,11 +153,41 @@ def test_collector_merge_is_exact_with_ties():
         assert r.index(5) + 1 == r.index(9)
 
 
+def test_collector_matches_brute_force_on_shuffled_batches():
+    """Top lists (ids, values and the stored per-token rows) and quantiles against NumPy,
+    with exact ties, repeated sequences and ids arriving out of order."""
+    rng = np.random.default_rng(3)
+    n, t, f, k, b = 120, 10, 40, 7, 9
+    data = (rng.standard_normal((n, t, f)) * rng.uniform(0.1, 3, f)).astype(np.float32)
+    data[50] = data[7]  # exact tie between two sequences in every feature
+    data[90, :, :5] = data[3, :, :5]
+    n_tok = n * (t - 1)
+    c = Collector(f, t, k, extremes_needed(n_tok), random_ids=[4, 77], pool_limit=500)
+    order = rng.permutation(n)
+    for i in range(0, n, b):
+        ids = np.sort(order[i : i + b]) if i % 2 else order[i : i + b]  # some batches unsorted
+        c.update(torch.from_numpy(ids), torch.from_numpy(data[ids]).transpose(1, 2))
+    c.flush()
+    s = c.state
+    body = data[:, 1:, :].astype(np.float64)
+    seq = np.arange(n)
+    for p, sign in ((0, 1.0), (1, -1.0)):
+        best = (sign * body).max(axis=1)  # [n, F]
+        for j in range(f):
+            ref = np.lexsort((seq, -best[:, j]))[:k]
+            assert s.top_ids[p, j].tolist() == ref.tolist(), (p, j)
+            np.testing.assert_allclose(s.top_vals[p, j].numpy(), best[ref, j], rtol=1e-6)
+            np.testing.assert_array_equal(s.top_acts[p, j].numpy(), data[ref, :, j].astype(np.float16))
+    for q, got in c.quantiles().items():
+        np.testing.assert_allclose(got.numpy(), np.quantile(body.reshape(-1, f), q, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(s.random_acts.numpy(), data[[4, 77]].astype(np.float16))
+
+
 def test_quantiles_need_enough_extremes():
     """28 token values, 4 extremes kept per end: q=0.1 reads order statistic 2.7 (fine), q=0.2 reads 5.4 (not kept)."""
     c = Collector(3, 8, 2, 4, random_ids=[])
     x = torch.randn(4, 8, 3)
-    c.update(torch.arange(4), x)
+    c.update(torch.arange(4), x.transpose(1, 2))
     got = c.quantiles((0.1,))[0.1]
     ref = np.quantile(x[:, 1:].reshape(-1, 3).numpy().astype(np.float64), 0.1, axis=0)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5)
