@@ -6,8 +6,10 @@ interventions (see :mod:`engine.steering`) and records the (possibly steered) va
 
 With ``keep_graph=True`` the recorded tensors stay in the autograd graph, so
 ``torch.autograd.grad(objective, hooks.captured)`` gives the *total* derivative through
-every later layer. (Swapping each layer's input for a detached leaf would cut the paths
-through later MLPs and give wrong attributions.)
+every later layer. Layer 0's neurons become the graph's leaf when nothing upstream
+requires grad (the model's weights are frozen), so a backward never runs through the
+embeddings or layer 0's attention. (Swapping *every* layer's input for a detached leaf
+would cut the paths through later MLPs and give wrong attributions.)
 """
 
 from __future__ import annotations
@@ -48,9 +50,12 @@ class NeuronHooks:
             if ops_rounds:
                 for ops in ops_rounds:
                     x = apply_layer_ops(x, ops, self.offset, prompt_len)
+            leaf = self.keep_graph and layer == 0 and not x.requires_grad
+            if leaf:  # the graph starts here: nothing upstream of layer 0's neurons is differentiated
+                x = x.detach().requires_grad_(True)
             if self.capture:
                 self.captured[layer] = x if self.keep_graph else x.detach()
-            if ops_rounds:
+            if ops_rounds or leaf:
                 return (x,) + tuple(args[1:])
             return None
 

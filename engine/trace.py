@@ -126,15 +126,20 @@ def run_trace(
             acts = hooks.stacked()[:, 0]
             grads = None
         else:
+            # The graph starts at layer 0's neurons (the hooks make them a leaf), so the
+            # backward skips the embeddings and layer 0's attention, and it has the LM head
+            # for the target row only: every position's logits (for the top-5 table) come
+            # from the same final hidden states outside the graph.
             with torch.enable_grad():
-                embeds = lm.model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                logits = lm.model(inputs_embeds=embeds).logits[0]
-                logp = torch.log_softmax(_at_least_fp32(logits[target_index - 1]), dim=-1)[ids[0, target_index]]
+                hidden = lm.model.model(input_ids=ids).last_hidden_state[0]  # [tokens, d]
+                head = lm.model.get_output_embeddings()
+                logp = torch.log_softmax(_at_least_fp32(head(hidden[target_index - 1])), dim=-1)[ids[0, target_index]]
                 captured = [c for c in hooks.captured]
                 grads = torch.autograd.grad(logp, captured)
+            with torch.inference_mode():
+                logits = head(hidden.detach())
             acts = torch.stack([c.detach() for c in captured])[:, 0]
             grads = torch.stack(grads)[:, 0]
-            logits = logits.detach()
     probs = torch.softmax(logits.float(), dim=-1)  # [tokens, vocab]
     top = torch.topk(probs, min(top_k_next, probs.shape[-1]), dim=-1)
     top_next = [

@@ -278,6 +278,8 @@ class Build:
         col.save(out, {"shard": shard, "num_shards": num_shards})
         for p in (ckpt, Path(f"{ckpt}.random")):
             p.unlink(missing_ok=True)
+        if num_shards in self.complete_shard_sets():  # the last shard of the pass records when it ended
+            self.mark("activations", {"num_shards": num_shards})
         return out
 
     def run_exemplars(self) -> None:

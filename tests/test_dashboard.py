@@ -466,7 +466,9 @@ def test_browse_sql_metacharacters_are_literal(env, db, query):
     assert db.counts()["descriptions"] > 0
 
 
-def test_browse_export_csv_and_parquet(env, monkeypatch):
+@pytest.fixture()
+def downloads(monkeypatch):
+    """file name → bytes of every st.download_button drawn (AppTest does not expose them)."""
     from streamlit.runtime.media_file_manager import MediaFileManager
 
     captured: dict[str, bytes] = {}
@@ -478,6 +480,11 @@ def test_browse_export_csv_and_parquet(env, monkeypatch):
         return real_add(self, path_or_data, mimetype, coordinates, file_name, is_for_static_download)
 
     monkeypatch.setattr(MediaFileManager, "add", recording_add)
+    return captured
+
+
+def test_browse_export_csv_and_parquet(env, downloads):
+    captured = downloads
     at = new_app()
     at.switch_page("pages/browse.py")
     at.query_params = {"q": "dates", "k": "25"}

@@ -20,7 +20,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine.concepts import ConceptSpec, specs_from_json, specs_from_url, specs_to_url
-from tests.test_dashboard import QUESTION, chart, db, env, new_app, ok, send, start  # noqa: F401 (fixtures)
+from tests.test_dashboard import QUESTION, chart, db, downloads, env, new_app, ok, send, start  # noqa: F401 (fixtures)
 
 
 STEERING = "pages/steering.py"
@@ -28,23 +28,6 @@ EXPERIMENTS = "pages/experiments.py"
 
 
 # --------------------------------------------------------------------------- helpers
-@pytest.fixture()
-def downloads(monkeypatch):
-    """file name → bytes of every st.download_button drawn (the browse test's trick)."""
-    from streamlit.runtime.media_file_manager import MediaFileManager
-
-    captured: dict[str, bytes] = {}
-    real_add = MediaFileManager.add
-
-    def recording_add(self, path_or_data, mimetype, coordinates, file_name=None, is_for_static_download=False):
-        if file_name:
-            captured[file_name] = path_or_data if isinstance(path_or_data, bytes) else path_or_data.encode()
-        return real_add(self, path_or_data, mimetype, coordinates, file_name, is_for_static_download)
-
-    monkeypatch.setattr(MediaFileManager, "add", recording_add)
-    return captured
-
-
 def page(path: str, **query) -> AppTest:
     at = new_app()
     at.switch_page(path)
