@@ -751,20 +751,15 @@ def run_descriptions(build, chunk: int = 128) -> dict:
     import pandas as pd
 
     from .describe import OutputTokens
-    from .pipeline import _maybe_die, _write_parquet
+    from .pipeline import DESCRIPTION_COLUMNS
 
     cfg = build.cfg.llm
     features = _Features(build)
     n = build.lm.n_neurons
     outs = OutputTokens(build.lm)
-    layers = build.layer_list()
     with LLMExplainer(cfg, build.root / CACHE_NAME, skip_prefix=build.cfg.skip_prefix, progress=build.progress) as ex:
-        bar = build._bar(len(layers), f"descriptions ({ex.explainer_id}, per layer)")
-        for layer in layers:
-            path = build.root / "descriptions" / f"layer-{layer:03d}.parquet"
-            if path.exists():
-                bar.update(1)
-                continue
+
+        def layer_rows(layer: int) -> pd.DataFrame:
             promotes, suppresses = outs.layer(layer)
             rows = []
             for a in range(0, n, chunk):
@@ -772,11 +767,9 @@ def run_descriptions(build, chunk: int = 128) -> dict:
                 jobs = [ExplainJob(f"{layer}:{neuron}:{pol}", pol, tt, ta, ht, ha) for neuron, pol, tt, ta, ht, ha in feats]
                 for (neuron, pol, *_), r in zip(feats, ex.explain_many(jobs)):
                     rows.append((layer, neuron, pol, r.text, r.summary, ex.explainer_id, promotes[neuron][:10], suppresses[neuron][:10]))
-            df = pd.DataFrame(rows, columns=["layer", "neuron", "polarity", "text", "summary", "explainer", "promotes", "suppresses"])
-            _write_parquet(df, path)
-            bar.update(1)
-            _maybe_die("descriptions", layer + 1)
-        bar.close()
+            return pd.DataFrame(rows, columns=DESCRIPTION_COLUMNS)
+
+        build.per_layer("descriptions", f"descriptions ({ex.explainer_id}, per layer)", layer_rows)
         return {"explainer": ex.explainer_id, **ex.stats}
 
 
@@ -784,28 +777,21 @@ def run_scores(build, chunk: int = 256) -> dict:
     """The scores stage with the LLM simulator (the descriptions stage's simulations come from the cache)."""
     import pandas as pd
 
-    from .pipeline import _maybe_die, _write_parquet
+    from .pipeline import SCORE_COLUMNS
 
     cfg = build.cfg.llm
     features = _Features(build)
     n = build.lm.n_neurons
-    layers = build.layer_list()
     with LLMExplainer(cfg, build.root / CACHE_NAME, skip_prefix=build.cfg.skip_prefix, progress=build.progress) as ex:
-        bar = build._bar(len(layers), f"scores ({ex.scorer_id}, per layer)")
-        for layer in layers:
-            path = build.root / "scores" / f"layer-{layer:03d}.parquet"
-            if path.exists():
-                bar.update(1)
-                continue
-            desc = pd.read_parquet(build.root / "descriptions" / f"layer-{layer:03d}.parquet")
-            text = {(r.neuron, r.polarity): r.text for r in desc.itertuples()}
+
+        def layer_rows(layer: int) -> pd.DataFrame:
+            text = build.layer_text(layer)
             rows = []
             for a in range(0, n, chunk):
                 feats = list(features(layer, range(a, min(a + chunk, n)), with_train=False))
                 jobs = [ScoreJob(text[(neuron, pol)], pol, ht, ha) for neuron, pol, _, _, ht, ha in feats]
                 rows += [(layer, neuron, pol, sc) for (neuron, pol, *_), sc in zip(feats, ex.score_many(jobs))]
-            _write_parquet(pd.DataFrame(rows, columns=["layer", "neuron", "polarity", "score"]), path)
-            bar.update(1)
-            _maybe_die("scores", layer + 1)
-        bar.close()
+            return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+        build.per_layer("scores", f"scores ({ex.scorer_id}, per layer)", layer_rows)
         return {"scorer": ex.scorer_id, **ex.stats}

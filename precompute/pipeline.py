@@ -37,6 +37,8 @@ from .collect import QUANTILE_LEVELS, Collector, extremes_needed
 if TYPE_CHECKING:
     from .llm import LLMConfig
 
+DESCRIPTION_COLUMNS = ["layer", "neuron", "polarity", "text", "summary", "explainer", "promotes", "suppresses"]
+SCORE_COLUMNS = ["layer", "neuron", "polarity", "score"]
 STAGES = ("corpus", "activations", "exemplars", "descriptions", "scores", "embeddings", "write")
 TEST_EVERY = 4  # top-exemplar ranks r with r % 4 == 3 are held out ("test"); the rest are "train"
 
@@ -311,6 +313,29 @@ class Build:
     def merged(self) -> Collector:
         return Collector.load(self.root / "merged.parquet")
 
+    def layer_file(self, stage: str, layer: int) -> Path:
+        """One layer's output of a per-layer stage (descriptions, scores)."""
+        return self.root / stage / f"layer-{layer:03d}.parquet"
+
+    def layer_text(self, layer: int) -> dict[tuple[int, int], str]:
+        """{(neuron, polarity): description text} for one finished layer."""
+        desc = pd.read_parquet(self.layer_file("descriptions", layer))
+        return {(r.neuron, r.polarity): r.text for r in desc.itertuples()}
+
+    def per_layer(self, stage: str, label: str, layer_rows) -> None:
+        """Write ``layer_rows(layer)`` (a DataFrame) for every layer of ``--layers`` whose
+        file is missing, atomically, one progress step per layer: a killed stage resumes
+        at its first missing layer."""
+        layers = self.layer_list()
+        bar = self._bar(len(layers), label)
+        for layer in layers:
+            path = self.layer_file(stage, layer)
+            if not path.exists():
+                _write_parquet(layer_rows(layer), path)
+                _maybe_die(stage, layer + 1)
+            bar.update(1)
+        bar.close()
+
     def run_descriptions(self) -> None:
         if self.cfg.llm is not None:
             from .llm import run_descriptions as llm_descriptions
@@ -326,13 +351,8 @@ class Build:
         ctx = ContextStats(corpus.texts)
         outs = OutputTokens(lm)
         train_ranks = [r for r in range(col.k) if r % TEST_EVERY != TEST_EVERY - 1]
-        layers = self.layer_list()
-        bar = self._bar(len(layers), "descriptions (per layer)")
-        for layer in layers:
-            path = self.root / "descriptions" / f"layer-{layer:03d}.parquet"
-            if path.exists():
-                bar.update(1)
-                continue
+
+        def layer_rows(layer: int) -> pd.DataFrame:
             promotes, suppresses = outs.layer(layer)
             rows = []
             for neuron in range(n):
@@ -347,15 +367,13 @@ class Build:
                         promotes[neuron], suppresses[neuron], ctx,
                     )
                     rows.append((layer, neuron, pol, text, summary, EXPLAINER_ID, promotes[neuron][:10], suppresses[neuron][:10]))
-            df = pd.DataFrame(rows, columns=["layer", "neuron", "polarity", "text", "summary", "explainer", "promotes", "suppresses"])
-            _write_parquet(df, path)
-            bar.update(1)
-            _maybe_die("descriptions", layer + 1)
-        bar.close()
+            return pd.DataFrame(rows, columns=DESCRIPTION_COLUMNS)
+
+        self.per_layer("descriptions", "descriptions (per layer)", layer_rows)
         self.mark("descriptions", {"explainer": EXPLAINER_ID})
 
     def descriptions(self) -> pd.DataFrame:
-        files = [self.root / "descriptions" / f"layer-{layer:03d}.parquet" for layer in self.layer_list()]
+        files = [self.layer_file("descriptions", layer) for layer in self.layer_list()]
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
     def run_scores(self) -> None:
@@ -374,15 +392,9 @@ class Build:
         rnd_ids = s.random_ids.tolist()
         rnd_tokens = [corpus.tokens[i] for i in rnd_ids]
         rnd_acts = s.random_acts.float().numpy()  # [R, T, F]
-        layers = self.layer_list()
-        bar = self._bar(len(layers), "scores (per layer)")
-        for layer in layers:
-            path = self.root / "scores" / f"layer-{layer:03d}.parquet"
-            if path.exists():
-                bar.update(1)
-                continue
-            desc = pd.read_parquet(self.root / "descriptions" / f"layer-{layer:03d}.parquet")
-            text = {(r.neuron, r.polarity): r.text for r in desc.itertuples()}
+
+        def layer_rows(layer: int) -> pd.DataFrame:
+            text = self.layer_text(layer)
             rows = []
             for neuron in range(n):
                 f = layer * n + neuron
@@ -392,10 +404,9 @@ class Build:
                     acts = np.concatenate([s.top_acts[pi, f][test_ranks][keep].float().numpy(), rnd_acts[:, :, f]])
                     seqs = [corpus.tokens[ids[i]] for i in keep] + rnd_tokens
                     rows.append((layer, neuron, pol, score(text[(neuron, pol)], pol, acts, seqs)))
-            _write_parquet(pd.DataFrame(rows, columns=["layer", "neuron", "polarity", "score"]), path)
-            bar.update(1)
-            _maybe_die("scores", layer + 1)
-        bar.close()
+            return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+        self.per_layer("scores", "scores (per layer)", layer_rows)
         self.mark("scores", {"scorer": SCORER_ID})
 
     def run_embeddings(self) -> None:
@@ -435,7 +446,7 @@ class Build:
 
         lm, corpus, cfg = self.lm, self.corpus, self.cfg
         desc = self.descriptions()
-        scores = pd.concat([pd.read_parquet(self.root / "scores" / f"layer-{layer:03d}.parquet") for layer in self.layer_list()])
+        scores = pd.concat([pd.read_parquet(self.layer_file("scores", layer)) for layer in self.layer_list()])
         desc = desc.merge(scores, on=["layer", "neuron", "polarity"], how="left")
         vecs = self.embeddings()
         if len(vecs) != len(desc):
