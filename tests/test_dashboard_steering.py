@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import threading
 
 import numpy as np
 import pandas as pd
@@ -20,6 +19,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine.concepts import ConceptSpec, specs_from_json, specs_from_url, specs_to_url
+from tests.fake_openai import chat_completion, send_json, serve
 from tests.test_dashboard import QUESTION, chart, db, downloads, env, new_app, ok, send, start  # noqa: F401 (fixtures)
 
 
@@ -66,30 +66,18 @@ def add_spec(at, concept: str, k: int | None = None, **fields):
 @contextlib.contextmanager
 def llm_stub():
     """A local OpenAI-compatible /chat/completions endpoint that labels every cluster the same."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            content = json.dumps({"label": "Stub concept label", "coherence": 4})
-            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, chat_completion(json.dumps({"label": "Stub concept label", "coherence": 4})))
 
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve(Handler) as url:
+        yield url
 
 
 def url_specs(at) -> list[ConceptSpec]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +15,7 @@ from engine.linter import (
     SPURIOUS_RULE, LLMLabeler, NeuronHit, RelevanceCalibration, cluster_embeddings, conversation_text,
     ctfidf_keywords, important_neurons, lint, parse_llm_label,
 )
+from tests.fake_openai import chat_completion, send_json, serve
 
 QUESTION = [{"role": "user", "content": "Which is bigger: 9.8 or 9.11?"}]
 
@@ -92,14 +92,7 @@ class _FakeLLM(http.server.BaseHTTPRequestHandler):
             return
         listed = body["messages"][-1]["content"]
         label = "Bible verse references" if "Bible" in listed else "Calendar dates"
-        reply = {"choices": [{"message": {"role": "assistant",
-                                          "content": json.dumps({"label": label, "coherence": 4})}}]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, chat_completion(json.dumps({"label": label, "coherence": 4})))
 
     def log_message(self, *args):
         pass
@@ -109,12 +102,8 @@ class _FakeLLM(http.server.BaseHTTPRequestHandler):
 def fake_llm():
     _FakeLLM.requests = []
     _FakeLLM.status = 200
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeLLM)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with serve(_FakeLLM) as url:
+        yield url
 
 
 def _two_topic_inputs():

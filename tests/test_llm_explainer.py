@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -42,6 +42,7 @@ from precompute.llm import (
     parse_simulation,
     resolve_config,
 )
+from tests.fake_openai import chat_completion, send_json, start, stop
 
 MODEL = "fake-model"
 
@@ -64,17 +65,7 @@ class FakeLLM:
                 pass
 
             def _send(self, code: int, payload: dict, headers: dict | None = None):
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(code)
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                send_json(self, payload, code, headers)
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
@@ -94,18 +85,13 @@ class FakeLLM:
                     if step and step[0] == "sleep":
                         time.sleep(step[1])
                     contents = fake.answer(body)
-                    self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [
-                        {"index": i, "message": {"role": "assistant", "content": c}, "finish_reason": "stop"}
-                        for i, c in enumerate(contents)]})
+                    self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                                     **chat_completion(*contents)})
                 finally:
                     with fake.lock:
                         fake.in_flight -= 1
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
+        self.server, self.url = start(Handler, poll_interval=0.05)
 
     def answer(self, body: dict) -> list[str]:
         system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
@@ -131,8 +117,7 @@ class FakeLLM:
         return [b for b in self.bodies if "Description:" in b["messages"][0]["content"]]
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        stop(self.server)
 
 
 @pytest.fixture
