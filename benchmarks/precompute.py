@@ -73,16 +73,19 @@ def collect_ratio(model: str = "embedded", batches: int = 0, batch_size: int = 1
         col.flush()
         flush_s = time.perf_counter() - t0
 
-    def ratio(lo: int, hi: int, extra: float = 0.0) -> float:
-        bare = [t for j, t in bare_t.items() if lo <= j < hi]
-        return round(statistics.mean(bare) / ((sum(coll_t[lo:hi]) + extra) / (hi - lo)), 3)
+    tokens = [len(c) * corpus.seq_len for c in chunks]  # the last batch may be short
 
-    n, fifth = len(coll_t), max(1, len(coll_t) // 5)
-    tokens_per_batch = batch_size * corpus.seq_len
+    def ratio(lo: int, hi: int, extra: float = 0.0) -> float:
+        """Collected ÷ bare tokens per second over batches lo..hi−1."""
+        bare = [j for j in bare_t if lo <= j < hi]
+        bare_rate = sum(tokens[j] for j in bare) / sum(bare_t[j] for j in bare)
+        return round(sum(tokens[lo:hi]) / (sum(coll_t[lo:hi]) + extra) / bare_rate, 3)
+
+    n, fifth = len(coll_t), max(bare_every, len(coll_t) // 5)  # every segment holds a bare batch
     return {
         "batches": n, "batch_size": batch_size, "seq_len": corpus.seq_len, "bare_every": bare_every,
-        "bare_tokens_per_s": round(tokens_per_batch / statistics.mean(bare_t.values()), 1),
-        "collect_tokens_per_s": round(n * tokens_per_batch / (sum(coll_t) + flush_s), 1),
+        "bare_tokens_per_s": round(sum(tokens[j] for j in bare_t) / sum(bare_t.values()), 1),
+        "collect_tokens_per_s": round(sum(tokens) / (sum(coll_t) + flush_s), 1),
         "collect_ratio": ratio(0, n, flush_s),
         "collect_ratio_first_fifth": ratio(0, fifth),
         "collect_ratio_last_fifth": ratio(n - fifth, n),
