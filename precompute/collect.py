@@ -118,14 +118,19 @@ class Collector:
         s.top_ids[p, feat, slot] = seq_ids[new]
         s.top_acts[p, feat, slot] = acts[new, feat].to(torch.float16)
 
+    def _set_best(self, p: int, vals: torch.Tensor, ids: torch.Tensor, acts: torch.Tensor) -> None:
+        """Polarity ``p``'s top lists := the K best columns of (vals, ids, acts) [F, C(, T)],
+        ordered by value descending, then sequence id ascending."""
+        s = self.state
+        pick = _top_rows(vals, ids, self.k)
+        s.top_vals[p], s.top_ids[p] = vals.gather(1, pick), ids.gather(1, pick)
+        s.top_acts[p] = acts.gather(1, pick[:, :, None].expand(-1, -1, self.t))
+
     def _sort_slots(self) -> None:
-        """Order every top list by value descending, then sequence id ascending."""
+        """Order every top list (kept in arrival order while streaming)."""
         s = self.state
         for p in (0, 1):
-            pick = _top_rows(s.top_vals[p], s.top_ids[p], self.k)
-            s.top_vals[p] = s.top_vals[p].gather(1, pick)
-            s.top_ids[p] = s.top_ids[p].gather(1, pick)
-            s.top_acts[p] = s.top_acts[p].gather(1, pick[:, :, None].expand(-1, -1, self.t))
+            self._set_best(p, s.top_vals[p], s.top_ids[p], s.top_acts[p])
 
     # -- token extremes ---------------------------------------------------------------
     def _update_ext(self, p: int, best: torch.Tensor, body: torch.Tensor, sign: float) -> None:
@@ -243,9 +248,7 @@ class Collector:
             vals = torch.cat([s.top_vals[p], o.top_vals[p].to(self.device)], dim=1)
             ids = torch.cat([s.top_ids[p], o.top_ids[p].to(self.device)], dim=1)
             acts = torch.cat([s.top_acts[p], o.top_acts[p].to(self.device)], dim=1)
-            pick = _top_rows(vals, ids, self.k)
-            s.top_vals[p], s.top_ids[p] = vals.gather(1, pick), ids.gather(1, pick)
-            s.top_acts[p] = acts.gather(1, pick[:, :, None].expand(-1, -1, self.t))
+            self._set_best(p, vals, ids, acts)
             s.ext[p] = torch.topk(torch.cat([s.ext[p], o.ext[p].to(self.device)], dim=1), self.m, dim=1).values
         s.n_tokens += o.n_tokens
         s.random_acts[o.random_seen] = o.random_acts[o.random_seen]
