@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 PORT ?= 8501
 
-.PHONY: setup browser test demo trace build clean-cache bench
+.PHONY: setup browser test demo trace build clean-data bench
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,5 +51,5 @@ bench: setup
 	$(PY) -m benchmarks.dashboard --json
 	$(PY) -m benchmarks.steering --json
 
-clean-cache:
-	rm -rf cache/build cache/*.duckdb cache/*.duckdb.tmp
+clean-data:
+	rm -rf data/build data/*.duckdb data/*.duckdb.tmp

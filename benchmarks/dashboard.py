@@ -87,11 +87,11 @@ def _timed_run(at) -> float:
 
 def run(repeats: int, max_new_tokens: int, rerun_repeats: int, with_panels: bool = True) -> dict:
     _quiet_streamlit()
-    from dashboard import state
+    from dashboard import resources
     from engine.generate import generate
     from engine.trace import run_trace
 
-    cfg = state.get_config()
+    cfg = resources.get_config()
     warm = _session(max_new_tokens)  # loads the model and opens the database once per process
     warm.chat_input[0].set_value(PROMPT)
     _timed_run(warm)  # warm-up turn: caches, allocator, first-call costs
@@ -100,8 +100,8 @@ def run(repeats: int, max_new_tokens: int, rerun_repeats: int, with_panels: bool
     panels = [p.title for p in CHAT_PANELS]
     if not with_panels:  # the chat page draws no extension panels (they registered on import, once)
         CHAT_PANELS.clear()
-    lm = state.get_model(cfg).lm
-    db_ok = state.get_db(cfg).db is not None
+    lm = resources.get_model(cfg).lm
+    db_ok = resources.get_db(cfg).db is not None
 
     ui_turn, ui_gen, ui_trace_engine, raw_trace, raw_gen, same_reply, n_tokens, ratios = [], [], [], [], [], [], [], []
     rerun, rerun_inspect, rerun_objective = [], [], []

@@ -150,14 +150,14 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     from cache.paths import db_path
-    from engine.loader import cache_dir, model_slug
+    from engine.loader import data_dir, model_slug
 
     out = {"model": args.model, "threads": torch.get_num_threads()}
     out.update(collect_ratio(args.model, args.batches, bare_every=args.bare_every))
     db = Path(args.db) if args.db else db_path(args.model)
     if db.exists():
         out.update(search_db(db))
-        wall = build_wall(cache_dir() / "build" / model_slug(args.model))
+        wall = build_wall(data_dir() / "build" / model_slug(args.model))
         if wall:
             out.update(wall)
     if not args.skip_458k:

@@ -1,6 +1,6 @@
 """Benchmark semantic search over the neuron database; prints JSON.
 
-    python -m benchmarks.search [--db cache/smollm2-135m-instruct.duckdb] [--repeats 20]
+    python -m benchmarks.search [--db data/smollm2-135m-instruct.duckdb] [--repeats 20]
 
 Builds a synthetic database the size of Llama-3.1-8B's search space (32 layers × 7,168
 neurons × 2 polarities = 458,752 embeddings of dimension 384) with

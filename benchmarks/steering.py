@@ -9,7 +9,7 @@
   on every decoding step too; if that steering ends the reply early, its ratio is taken
   against an unsteered generation of the same length). The steered neurons are the union of
   "Bible verses:suppress:500" and "dates:suppress:500" resolved in the database
-  (``--db``, default ``cache/<model>.duckdb``); without a database, 1,000 random neurons
+  (``--db``, default ``data/<model>.duckdb``); without a database, 1,000 random neurons
   spread over every layer (``"neurons_source": "random"``).
 * ``experiment`` (only with ``--experiment``, slow): the wall time of
   ``python -m engine experiment decimals --n 200`` with those 2 specs and 3 controls,
@@ -35,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine.concepts import ConceptSpec, union  # noqa: E402
+from engine.specs import ConceptSpec, union  # noqa: E402
 from engine.errors import MonitorError  # noqa: E402
 from engine.generate import generate  # noqa: E402
 from engine.loader import load_model  # noqa: E402
@@ -48,7 +48,7 @@ SPECS = ("Bible verses:suppress:500", "dates:suppress:500")
 def steering_neurons(lm, db_path: str | None) -> tuple[list[tuple[int, int, int]], str]:
     """The union of the default specs' neurons, or random ones when no database is found."""
     try:
-        from cache.concepts import select_all
+        from concepts.resolve import select_all
         from cache.db import open_database
 
         db = open_database(db_path, model=lm.name) if db_path else open_database(model=lm.name)
@@ -108,9 +108,10 @@ def hook_ops_cost(lm, interventions, tokens: int, repeats: int = 200) -> dict:
 
 
 def run_experiment_timing(lm, db_path: str | None, n: int, controls: int, seed: int) -> dict:
-    from cache.concepts import select_all
     from cache.db import open_database
-    from engine.experiments import analyze, build_conditions, decimal_items, run_experiment, sample_items
+    from concepts.resolve import select_all
+    from engine.experiments import analyze, build_conditions, run_experiment
+    from engine.prompt_sets import decimal_items, sample_items
 
     t0 = time.perf_counter()
     db = open_database(db_path, model=lm.name) if db_path else open_database(model=lm.name)
@@ -131,7 +132,7 @@ def run_experiment_timing(lm, db_path: str | None, n: int, controls: int, seed: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.steering", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="embedded")
-    p.add_argument("--db", default=None, help="neuron database (default: cache/<model>.duckdb, else random neurons)")
+    p.add_argument("--db", default=None, help="neuron database (default: data/<model>.duckdb, else random neurons)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

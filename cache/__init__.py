@@ -2,7 +2,7 @@
 
     from cache.db import open_database        # NeuronDB: semantic/keyword search, neuron lookup
     from cache.writer import DatabaseWriter   # used by `python -m precompute build`
-    from cache.paths import db_path           # cache/<model-slug>.duckdb
+    from cache.paths import db_path           # data/<model-slug>.duckdb
     from cache.embedder import embed          # sentence-transformers, offline
 
 Submodules are imported on demand so ``import cache`` stays cheap.

@@ -1,7 +1,7 @@
 """Where a model's neuron database lives, and the command that rebuilds it.
 
-``db_path("embedded")`` is ``cache/smollm2-135m-instruct.duckdb`` (``MONITOR_CACHE_DIR``
-moves ``cache/``). A build writes ``<db>.duckdb.tmp`` first and renames it when done.
+``db_path("embedded")`` is ``data/smollm2-135m-instruct.duckdb`` (``MONITOR_DATA_DIR``
+moves ``data/``; :func:`engine.loader.data_dir`). A build writes ``<db>.duckdb.tmp`` first and renames it when done.
 
 ``engine.loader`` imports torch, so it is imported inside the functions that need it.
 """
@@ -14,10 +14,10 @@ EMBEDDED_NAME = "embedded"
 
 
 def db_path(model: str = EMBEDDED_NAME) -> Path:
-    """``cache_dir() / f"{model_slug(model)}.duckdb"``."""
-    from engine.loader import cache_dir, model_slug
+    """``data_dir() / f"{model_slug(model)}.duckdb"``."""
+    from engine.loader import data_dir, model_slug
 
-    return cache_dir() / f"{model_slug(model)}.duckdb"
+    return data_dir() / f"{model_slug(model)}.duckdb"
 
 
 def tmp_path(path: Path) -> Path:

@@ -1,4 +1,4 @@
--- The neuron database: one DuckDB file per model, cache/<model-slug>.duckdb.
+-- The neuron database: one DuckDB file per model, data/<model-slug>.duckdb.
 -- Written once by `python -m precompute build` (cache/writer.py); the dashboard opens it read-only.
 -- Polarity is +1 (the neuron's positive side: top activations) or -1 (its negative side: bottom activations).
 -- A neuron is (layer, neuron): the `neuron`-th input of model.model.layers[layer].mlp.down_proj.

@@ -39,7 +39,7 @@ class PageSpec:
     default: bool = False
 
 
-# The page registry: section → pages. Issue 5's panels add pages here (e.g. "Experiments").
+# The page registry: section → pages.
 PAGES: dict[str, list[PageSpec]] = {
     "Monitor": [
         PageSpec("pages/chat.py", "Chat and trace", ":material/forum:", default=True),
@@ -71,7 +71,7 @@ def main() -> None:
     st.set_page_config(page_title="Neuron Monitor", page_icon=":material/neurology:", layout="wide",
                        initial_sidebar_state="expanded")
     page = st.navigation(build_navigation(), position="sidebar")
-    from dashboard.state import get_config
+    from dashboard.resources import get_config
 
     cfg = get_config()
     with st.sidebar:

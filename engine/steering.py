@@ -9,16 +9,19 @@ a token range:
   tables are passed in (they come from the neuron database).
 * ``scale``: ``a ← factor × a``; factor 0 ablates, factor 1 changes nothing.
 
-Token ranges are explicit prompt positions, the last user turn, or the whole prompt,
-optionally "also every generated token". :func:`compile_interventions` checks ranges,
+Token ranges (:class:`TokenRange`) are explicit prompt positions, the last user turn, or
+the whole prompt, optionally "also every generated token"; their text form
+(``last_user``, ``prompt``, ``positions:3-7,9``, each optionally ``+generated``) is read by
+:func:`parse_token_range` and written by :func:`token_range_text`. :func:`compile_interventions` checks ranges,
 ids and contradictions once, and turns the list into per-layer index tensors that
 :mod:`engine.hooks` applies inside ``mlp.down_proj``'s forward pre-hook.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ import torch
 from .chat import RenderedChat
 from .errors import MonitorError
 
-MODES = ("replace", "scale")
+INTERVENTION_MODES = ("replace", "scale")
 RANGE_KINDS = ("last_user", "prompt", "positions")
 GENERATED = -1  # key for "every generated token" in a neuron's position map
 
@@ -70,6 +73,109 @@ class TokenRange:
         return cls(str(d.get("kind", "last_user")), tuple(int(p) for p in d.get("positions", ())), bool(d.get("generated", False)))
 
 
+def token_range_text(tr: TokenRange) -> str:
+    """The short text form of a token range: ``last_user``, ``prompt``, ``positions:3-7,9``,
+    each optionally ``+generated``. Inverse of :func:`parse_token_range`."""
+    if tr.kind == "positions":
+        base = "positions:" + _positions_text(tr.positions)
+    else:
+        base = tr.kind
+    return base + ("+generated" if tr.generated else "")
+
+
+def _positions_text(positions: Sequence[int]) -> str:
+    ps = sorted(int(p) for p in positions)
+    out, i = [], 0
+    while i < len(ps):
+        j = i
+        while j + 1 < len(ps) and ps[j + 1] == ps[j] + 1:
+            j += 1
+        out.append(str(ps[i]) if i == j else f"{ps[i]}-{ps[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def parse_token_range(text: str | Mapping | TokenRange | None) -> TokenRange:
+    """A :class:`TokenRange` from its text form, its dict form, or itself (validated).
+
+    Text: ``last_user`` (default), ``prompt``, or ``positions:A-B,C`` (inclusive spans of
+    prompt token indices), each optionally ``+generated``. Two bases at once
+    (``prompt+last_user``), overlapping or reversed spans, and explicit positions on a
+    ``last_user``/``prompt`` range are contradictory and raise.
+    """
+    if text is None:
+        return TokenRange()
+    if isinstance(text, TokenRange):
+        return _check_range(text)
+    if isinstance(text, Mapping):
+        unknown = set(text) - {"kind", "positions", "generated"}
+        if unknown:
+            raise MonitorError(f"Unknown token-range field(s) {', '.join(sorted(unknown))}: use kind, positions, generated.")
+        try:
+            positions = tuple(int(p) for p in text.get("positions", ()) or ())
+        except (TypeError, ValueError) as err:
+            raise MonitorError("Token-range positions must be whole numbers.") from err
+        return _check_range(TokenRange(str(text.get("kind", "last_user")), positions, bool(text.get("generated", False))))
+    if not isinstance(text, str):
+        raise MonitorError(f"A token range must be text like 'last_user' or 'prompt+generated', not {type(text).__name__}.")
+    parts = [p.strip() for p in text.strip().split("+") if p.strip()]
+    generated = "generated" in parts
+    if parts.count("generated") > 1:
+        raise MonitorError(f"Token range {text!r} names 'generated' twice; write it once.")
+    bases = [p for p in parts if p != "generated"]
+    if len(bases) > 1:
+        raise MonitorError(f"Token range {text!r} is contradictory: pick one of last_user, prompt or positions:A-B "
+                           "(optionally +generated).")
+    base = bases[0] if bases else "last_user"
+    if base in ("last_user", "prompt"):
+        return TokenRange(base, (), generated)
+    if base.startswith("positions:"):
+        spans = []
+        for chunk in base[len("positions:"):].split(","):
+            chunk = chunk.strip()
+            m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", chunk)
+            if not m:
+                raise MonitorError(f"Bad token span {chunk!r} in {text!r}: write positions like 3-7,9 "
+                                   "(non-negative token indices, inclusive).")
+            a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+            if b < a:
+                raise MonitorError(f"Token span {chunk!r} is reversed: write the smaller index first ({b}-{a}).")
+            spans.append((a, b))
+        spans.sort()
+        for (a1, b1), (a2, b2) in zip(spans, spans[1:]):
+            if a2 <= b1:
+                raise MonitorError(f"Token spans {a1}-{b1} and {a2}-{b2} in {text!r} overlap: merge them into one span.")
+        positions = tuple(p for a, b in spans for p in range(a, b + 1))
+        return _check_range(TokenRange("positions", positions, generated))
+    raise MonitorError(f"Unknown token range {base!r}: use last_user, prompt or positions:A-B, optionally +generated.")
+
+
+def _check_range(tr: TokenRange) -> TokenRange:
+    if tr.kind not in RANGE_KINDS:
+        raise MonitorError(f"Unknown token range {tr.kind!r}: use last_user, prompt or positions.")
+    if tr.kind != "positions" and tr.positions:
+        raise MonitorError(f"Token range {tr.kind!r} with explicit positions is contradictory: use kind 'positions' "
+                           "for explicit tokens, or drop the positions.")
+    if tr.kind == "positions":
+        if not tr.positions:
+            raise MonitorError("A 'positions' token range needs at least one token index.")
+        if len(set(tr.positions)) != len(tr.positions):
+            raise MonitorError("The token range lists a position twice (overlapping spans): list each token once.")
+        if any(int(p) < 0 for p in tr.positions):
+            raise MonitorError("Token positions in a steering spec must be 0 or more.")
+        return TokenRange("positions", tuple(sorted(int(p) for p in tr.positions)), bool(tr.generated))
+    return TokenRange(tr.kind, (), bool(tr.generated))
+
+
+def ranges_may_overlap(a: TokenRange, b: TokenRange) -> bool:
+    """Whether two ranges can share a token on some chat (only disjoint explicit positions cannot)."""
+    if a.generated and b.generated:
+        return True
+    if a.kind == "positions" and b.kind == "positions":
+        return bool(set(a.positions) & set(b.positions))
+    return True
+
+
 @dataclass
 class Intervention:
     neurons: list[tuple[int, int, int]]  # (layer, neuron, polarity ±1)
@@ -81,6 +187,26 @@ class Intervention:
 
     def effect(self) -> tuple[str, float]:
         return (self.mode, float(self.strength if self.mode == "replace" else self.factor))
+
+
+def needs_quantiles(interventions: Sequence[Intervention]) -> bool:
+    """Whether any intervention replaces with a non-zero strength (``a ← strength × Q``), the
+    only kind that needs the quantile tables."""
+    return any(iv.mode == "replace" and iv.strength != 0 and iv.neurons for iv in interventions)
+
+
+def check_quantiles(interventions: Sequence[Intervention], quantiles: Mapping[int, np.ndarray] | None) -> None:
+    """Raise unless every non-zero ``replace`` has a finite quantile for its neuron and polarity."""
+    for iv in interventions:
+        if not needs_quantiles([iv]):
+            continue
+        if quantiles is None:
+            raise MonitorError("Strengthening needs the neurons' activation quantiles: open a neuron database.")
+        for l, n, p in iv.neurons:
+            table = quantiles[int(p)]
+            if not (l < table.shape[0] and n < table.shape[1]) or not np.isfinite(table[l][n]):
+                raise MonitorError(f"Neuron {l}/{n} has no stored activation quantile, so it cannot be strengthened: "
+                                   "rebuild the database or suppress instead.")
 
 
 @dataclass
@@ -124,7 +250,7 @@ def compile_interventions(
     # (layer, neuron) -> {prompt position or GENERATED: (mode, value)}
     cells: dict[tuple[int, int], dict[int, tuple[str, float]]] = {}
     for iv in interventions:
-        if iv.mode not in MODES:
+        if iv.mode not in INTERVENTION_MODES:
             raise MonitorError(f"Unknown steering mode {iv.mode!r}; use replace or scale.")
         if not iv.neurons:
             continue

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .activation_view import top_cells
 from .chat import Chat, RenderedChat, render_chat
 from .errors import MonitorError
 from .hooks import NeuronHooks
@@ -42,40 +43,16 @@ class Trace:
     def tokens(self) -> list[str]:
         return self.rendered.tokens
 
-    def top_activations(self, k: int = 20, skip_tokens: tuple[int, ...] = (0,), scale: torch.Tensor | None = None) -> list[dict]:
-        """The ``k`` (layer, neuron, token) cells with the largest |activation|.
-
-        ``skip_tokens`` leaves out the first token by default: it is the attention sink,
-        where a few neurons reach |a| ≈ 3,000 on SmolLM2 against ≈ 75 elsewhere.
-        ``scale`` ([layers, neurons]), when given, divides values first (quantile
-        normalisation); the reported value is the scaled one.
-        """
-        return top_cells(self.activations, k, skip_tokens, scale)
+    def top_activations(self, k: int = 20, skip_tokens: tuple[int, ...] = (0,), view=None) -> list[dict]:
+        """The ``k`` (layer, neuron, token) cells with the largest |activation|
+        (:func:`engine.activation_view.top_cells`; token 0, the attention sink, left out by
+        default). ``view`` (an :class:`~engine.activation_view.ActivationView`) normalises first."""
+        return top_cells(self.activations, k, skip_tokens, view)
 
     def top_attributions(self, k: int = 20) -> list[dict]:
         if self.attributions is None:
             raise MonitorError("This trace has no attribution: pass a target index.")
         return top_cells(self.attributions, k, ())
-
-
-def top_cells(values: torch.Tensor, k: int, skip_tokens=(), scale: torch.Tensor | None = None) -> list[dict]:
-    """Top-``k`` cells of ``values`` [layers, tokens, neurons] by |value|, as dicts."""
-    v = values.float()
-    if scale is not None:
-        v = v / scale[:, None, :]
-    if skip_tokens:
-        v = v.clone()
-        v[:, [t for t in skip_tokens if t < v.shape[1]], :] = 0
-    flat = v.reshape(-1)
-    k = min(k, flat.numel())
-    idx = torch.topk(flat.abs(), k).indices
-    n_tok, n_neu = v.shape[1], v.shape[2]
-    out = []
-    for i in idx.tolist():
-        layer, rest = divmod(i, n_tok * n_neu)
-        tok, neuron = divmod(rest, n_neu)
-        out.append({"layer": layer, "neuron": neuron, "token_index": tok, "value": float(flat[i])})
-    return out
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from engine.errors import MonitorError, run_command  # noqa: E402
+from engine.errors import MonitorError, at_least, run_command  # noqa: E402
 
 from .pipeline import STAGES, Build, BuildConfig  # noqa: E402
 
@@ -42,8 +42,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=20, help="batches between activation checkpoints")
     p.add_argument("--embed-chunk", type=int, default=4096, help="descriptions per embedding checkpoint")
     p.add_argument("--layers", default=None, help="describe only these layers, e.g. 0,5,10-12 (default: all)")
-    p.add_argument("--work-dir", default=None, help="build folder (default cache/build/<model>)")
-    p.add_argument("--db", default=None, help="database path (default cache/<model>.duckdb)")
+    p.add_argument("--work-dir", default=None, help="build folder (default data/build/<model>)")
+    p.add_argument("--db", default=None, help="database path (default data/<model>.duckdb)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("LLM explainer (optional; see precompute/llm.py)")
     g.add_argument("--explainer", choices=["offline", "llm"], default=None,
@@ -65,8 +65,7 @@ def _config(args) -> BuildConfig:
                          concurrency=args.llm_concurrency, max_retries=args.llm_max_retries, timeout=args.llm_timeout)
     if args.k < 1:
         raise MonitorError("--k must be at least 1 (20 or more is recommended).")
-    if args.batch_size < 1:
-        raise MonitorError("--batch-size must be at least 1.")
+    at_least(args.batch_size, 1, "--batch-size")
     return BuildConfig(
         model=args.model, profile=args.profile, seq_len=args.seq_len, n_sequences=args.n_sequences,
         files=list(args.files), hf_dataset=args.hf_dataset, batch_size=args.batch_size, k=args.k,

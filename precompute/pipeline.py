@@ -1,6 +1,6 @@
 """The resumable build: corpus → activations → exemplars → descriptions → scores → embeddings → write.
 
-Every stage writes its outputs under ``cache/build/<model-slug>/`` atomically (a
+Every stage writes its outputs under ``data/build/<model-slug>/`` atomically (a
 temporary name, then a rename) and is skipped when they exist, so a killed build
 re-run picks up where it stopped: the activation pass resumes from its last
 checkpoint; descriptions and scores resume per layer; embeddings per chunk. The final
@@ -30,9 +30,10 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.errors import MonitorError
-from engine.loader import cache_dir, model_slug
+from engine.loader import data_dir, model_slug
 
-from .collect import QUANTILE_LEVELS, Collector, extremes_needed
+from .collect import Collector, extremes_needed
+from .exemplar_view import POLARITY_INDEX, ExemplarView, split_of
 
 if TYPE_CHECKING:
     from .llm import LLMConfig
@@ -40,11 +41,11 @@ if TYPE_CHECKING:
 DESCRIPTION_COLUMNS = ["layer", "neuron", "polarity", "text", "summary", "explainer", "promotes", "suppresses"]
 SCORE_COLUMNS = ["layer", "neuron", "polarity", "score"]
 STAGES = ("corpus", "activations", "exemplars", "descriptions", "scores", "embeddings", "write")
-TEST_EVERY = 4  # top-exemplar ranks r with r % 4 == 3 are held out ("test"); the rest are "train"
 
 
 @dataclass
 class BuildConfig:
+    """The settings of one build; :meth:`identity` is what a resumed build must share."""
     model: str = "embedded"
     profile: str = "default"
     seq_len: int | None = None
@@ -77,15 +78,18 @@ class BuildConfig:
 
     @property
     def slug(self) -> str:
+        """The model's file-system name (``smollm2-135m-instruct`` for the embedded model)."""
         return model_slug(self.model)
 
     @property
     def root(self) -> Path:
-        return Path(self.work_dir) if self.work_dir else cache_dir() / "build" / self.slug
+        """The build folder: ``--work-dir``, or ``data/build/<slug>``."""
+        return Path(self.work_dir) if self.work_dir else data_dir() / "build" / self.slug
 
     @property
     def db_path(self) -> Path:
-        return Path(self.db) if self.db else cache_dir() / f"{self.slug}.duckdb"
+        """The database this build writes: ``--db``, or ``data/<slug>.duckdb``."""
+        return Path(self.db) if self.db else data_dir() / f"{self.slug}.duckdb"
 
 
 def _maybe_die(stage: str, step: int) -> None:
@@ -116,6 +120,7 @@ class Build:
     # -- shared inputs -----------------------------------------------------------------
     @property
     def lm(self):
+        """The model, loaded on first use."""
         if self._lm is None:
             from engine.loader import load_model
 
@@ -124,6 +129,7 @@ class Build:
 
     @property
     def corpus(self):
+        """The corpus stage's output, loaded on first use."""
         if self._corpus is None:
             from .corpus import Corpus
 
@@ -186,6 +192,7 @@ class Build:
         return out
 
     def done(self, stage: str) -> bool:
+        """Whether ``stage`` finished (its marker exists; activations: a complete shard set)."""
         if stage == "activations":
             return bool(self.complete_shard_sets())
         if stage == "write":
@@ -193,6 +200,7 @@ class Build:
         return (self.root / f"{stage}.done").exists()
 
     def mark(self, stage: str, info: dict | None = None) -> None:
+        """Write ``stage``'s marker atomically, with the time and ``info``."""
         tmp = self.root / f".{stage}.done.tmp"
         tmp.write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}))
         os.replace(tmp, self.root / f"{stage}.done")
@@ -203,6 +211,7 @@ class Build:
         return json.loads(marker.read_text()) if marker.exists() else {}
 
     def status(self) -> list[dict]:
+        """One dict per stage: its name, whether it is done, and what its marker recorded."""
         rows = []
         for stage in STAGES:
             info = {}
@@ -214,6 +223,7 @@ class Build:
 
     # -- stages ------------------------------------------------------------------------
     def run_corpus(self) -> None:
+        """Stage 1: cut the corpus into fixed-length windows and save it."""
         from .corpus import build_corpus
 
         c = self.cfg
@@ -228,20 +238,24 @@ class Build:
         self.mark("corpus", {"n_sequences": len(corpus), "seq_len": corpus.seq_len, "corpus_hash": corpus.corpus_hash})
 
     def batch_order(self) -> list[np.ndarray]:
+        """The activation pass's batches of sequence ids, in a fixed seeded order."""
         n = len(self.corpus)
         order = np.random.default_rng(self.cfg.seed).permutation(n)
         bs = self.cfg.batch_size
         return [np.sort(order[i : i + bs]) for i in range(0, n, bs)]
 
     def random_ids(self) -> list[int]:
+        """The random sequences every neuron keeps for scoring (seeded)."""
         n = len(self.corpus)
         rng = np.random.default_rng(self.cfg.seed + 1)
         return sorted(rng.choice(n, size=min(self.cfg.n_random, n), replace=False).tolist())
 
     def shard_dir(self, num_shards: int) -> Path:
+        """Where the ``num_shards`` shard files of the activation pass live."""
         return self.root / "shards" / str(num_shards)
 
     def new_collector(self) -> Collector:
+        """An empty streaming collector sized for this model and corpus."""
         lm, corpus = self.lm, self.corpus
         n_tok = len(corpus) * (corpus.seq_len - self.cfg.skip_prefix)
         return Collector(
@@ -311,6 +325,7 @@ class Build:
         self.mark("exemplars", {"num_shards": p, "n_tokens": int(merged.state.n_tokens)})
 
     def merged(self) -> Collector:
+        """The exemplars stage's merged collector."""
         return Collector.load(self.root / "merged.parquet")
 
     def layer_file(self, stage: str, layer: int) -> Path:
@@ -337,6 +352,7 @@ class Build:
         bar.close()
 
     def run_descriptions(self) -> None:
+        """Stage 4: describe every (neuron, polarity) of the chosen layers (offline or LLM explainer)."""
         if self.cfg.llm is not None:
             from .llm import run_descriptions as llm_descriptions
 
@@ -344,28 +360,18 @@ class Build:
             return
         from .describe import EXPLAINER_ID, ContextStats, OutputTokens, describe
 
-        lm, corpus = self.lm, self.corpus
-        col = self.merged()
-        s = col.state
-        n = lm.n_neurons
-        ctx = ContextStats(corpus.texts)
-        outs = OutputTokens(lm)
-        train_ranks = [r for r in range(col.k) if r % TEST_EVERY != TEST_EVERY - 1]
+        n = self.lm.n_neurons
+        view = ExemplarView.of_build(self)
+        ctx = ContextStats(self.corpus.texts)
+        outs = OutputTokens(self.lm)
 
         def layer_rows(layer: int) -> pd.DataFrame:
             promotes, suppresses = outs.layer(layer)
             rows = []
             for neuron in range(n):
-                f = layer * n + neuron
-                for pi, pol in ((0, 1), (1, -1)):
-                    ids = s.top_ids[pi, f, train_ranks].tolist()
-                    keep = [i for i, sid in enumerate(ids) if 0 <= sid < len(corpus)]
-                    seqs = [ids[i] for i in keep]
-                    acts = s.top_acts[pi, f][train_ranks][keep].float().numpy()
-                    text, summary, _, _ = describe(
-                        pol, [corpus.tokens[i] for i in seqs], acts, [corpus.sources[i] for i in seqs],
-                        promotes[neuron], suppresses[neuron], ctx,
-                    )
+                for _, pol in POLARITY_INDEX:
+                    tokens, acts, sources = view.train(layer, neuron, pol)
+                    text, summary, _, _ = describe(pol, tokens, acts, sources, promotes[neuron], suppresses[neuron], ctx)
                     rows.append((layer, neuron, pol, text, summary, EXPLAINER_ID, promotes[neuron][:10], suppresses[neuron][:10]))
             return pd.DataFrame(rows, columns=DESCRIPTION_COLUMNS)
 
@@ -373,10 +379,12 @@ class Build:
         self.mark("descriptions", {"explainer": EXPLAINER_ID})
 
     def descriptions(self) -> pd.DataFrame:
+        """Every described layer's descriptions, in layer order."""
         files = [self.layer_file("descriptions", layer) for layer in self.layer_list()]
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
     def run_scores(self) -> None:
+        """Stage 5: score every description on its held-out sequences (offline or LLM simulator)."""
         if self.cfg.llm is not None:
             from .llm import run_scores as llm_scores
 
@@ -384,25 +392,15 @@ class Build:
             return
         from .simulate import SCORER_ID, score
 
-        lm, corpus = self.lm, self.corpus
-        col = self.merged()
-        s = col.state
-        n = lm.n_neurons
-        test_ranks = [r for r in range(col.k) if r % TEST_EVERY == TEST_EVERY - 1]
-        rnd_ids = s.random_ids.tolist()
-        rnd_tokens = [corpus.tokens[i] for i in rnd_ids]
-        rnd_acts = s.random_acts.float().numpy()  # [R, T, F]
+        n = self.lm.n_neurons
+        view = ExemplarView.of_build(self)
 
         def layer_rows(layer: int) -> pd.DataFrame:
             text = self.layer_text(layer)
             rows = []
             for neuron in range(n):
-                f = layer * n + neuron
-                for pi, pol in ((0, 1), (1, -1)):
-                    ids = s.top_ids[pi, f, test_ranks].tolist()
-                    keep = [i for i, sid in enumerate(ids) if 0 <= sid < len(corpus)]
-                    acts = np.concatenate([s.top_acts[pi, f][test_ranks][keep].float().numpy(), rnd_acts[:, :, f]])
-                    seqs = [corpus.tokens[ids[i]] for i in keep] + rnd_tokens
+                for _, pol in POLARITY_INDEX:
+                    seqs, acts = view.heldout(layer, neuron, pol)
                     rows.append((layer, neuron, pol, score(text[(neuron, pol)], pol, acts, seqs)))
             return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
@@ -410,6 +408,7 @@ class Build:
         self.mark("scores", {"scorer": SCORER_ID})
 
     def run_embeddings(self) -> None:
+        """Stage 6: embed every description's summary, in resumable chunks."""
         chunk = self.cfg.embed_chunk
         from cache.embedder import embed, load_embedder
 
@@ -433,10 +432,12 @@ class Build:
         self.mark("embeddings", {"n": len(texts)})
 
     def embeddings(self) -> np.ndarray:
+        """The embeddings stage's vectors ``[descriptions, dim]``, in description order."""
         files = sorted((self.root / "embeddings").glob("chunk-*.npy"))
         return np.concatenate([np.load(f) for f in files])
 
     def run_write(self) -> Path:
+        """Stage 7: write the DuckDB database under a temporary name, then rename it."""
         from cache.codec import encode_acts
         from cache.embedder import model_id as embedder_id
         from cache.writer import DatabaseWriter
@@ -514,7 +515,7 @@ class Build:
             b = min(a + features_per_frame, f_total)
             feats = np.arange(a, b)
             parts = []
-            for pi, pol in ((0, 1), (1, -1)):
+            for pi, pol in POLARITY_INDEX:
                 ids = s.top_ids[pi, a:b].numpy()  # [f, K]
                 vals = s.top_vals[pi, a:b].numpy() * pol
                 acts = s.top_acts[pi, a:b].float().numpy().reshape(-1, t)  # [f·K, T]
@@ -523,7 +524,7 @@ class Build:
                 ok = ids.reshape(-1) >= 0
                 parts.append(pd.DataFrame({
                     "layer": np.repeat(feats // n, k), "neuron": np.repeat(feats % n, k), "polarity": pol,
-                    "split": np.where(ranks % TEST_EVERY == TEST_EVERY - 1, "test", "train"), "rank": ranks,
+                    "split": split_of(ranks), "rank": ranks,
                     "seq_id": ids.reshape(-1), "max_act": vals.reshape(-1), "scale": scale, "acts": list(codes),
                 })[ok & np.isfinite(vals.reshape(-1))])
             r = len(s.random_ids)
@@ -540,6 +541,7 @@ class Build:
 
     # -- driver ------------------------------------------------------------------------
     def run(self, until: str = "write") -> Path | None:
+        """Run every unfinished stage up to ``until``; the database path when it reaches ``write``."""
         self.layer_list()  # a bad --layers fails now, not after the activation pass
         self.check_config()
         started = self.root / "started"

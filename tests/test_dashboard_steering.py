@@ -1,4 +1,4 @@
-"""Issue 5's dashboard through ``AppTest``: semantic steering, the concept linter, the experiments page.
+"""The steering side of the dashboard through ``AppTest``: semantic steering, the concept linter, the experiments page.
 
 Same setup as ``tests/test_dashboard.py`` (whose fixtures and helpers are reused): the app
 runs in-process on the embedded model against the ``embedded_db`` fixture. Assertions are on
@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine.concepts import ConceptSpec, specs_from_json, specs_from_url, specs_to_url
+from engine.specs import ConceptSpec, specs_from_json, specs_from_url, specs_to_url
 from tests.fake_openai import chat_completion, send_json, serve
 from tests.test_dashboard import QUESTION, chart, db, downloads, env, new_app, ok, send, start  # noqa: F401 (fixtures)
 

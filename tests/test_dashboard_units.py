@@ -16,13 +16,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dashboard import charts, highlight, ranking  # noqa: E402
-from engine.trace import top_cells  # noqa: E402
+from engine.activation_view import normalise, quantile_scales, top_cells  # noqa: E402
 
 
 def test_quantile_scales_guard_zero_tiny_wrong_sign_and_missing():
     q_hi = np.array([[2.0, 0.0, 2.0, -0.5, np.nan], [4.0, 1e-9, 4.0, 4.0, 4.0]], np.float32)
     q_lo = np.array([[-1.0, -3.0, 0.0, 0.2, np.nan], [-2.0, -2.0, -1e-9, -2.0, -2.0]], np.float32)
-    pos, neg = ranking.quantile_scales(q_hi, q_lo, rel_floor=0.05, abs_floor=1e-4)
+    pos, neg = quantile_scales(q_hi, q_lo, rel_floor=0.05, abs_floor=1e-4)
     # positive side: floor = 5% of the layer's median positive divisor (2.0 and 4.0)
     assert pos[0, :4].tolist() == pytest.approx([2.0, 0.1, 2.0, 0.1])
     assert pos[1].tolist() == pytest.approx([4.0, 0.2, 4.0, 4.0, 4.0])
@@ -37,9 +37,9 @@ def test_normalise_divides_each_side_by_its_quantile_and_keeps_the_sign():
     acts = torch.tensor([[[3.0, -3.0], [0.5, -0.5]]])  # [1 layer, 2 tokens, 2 neurons]
     pos = np.array([[2.0, 6.0]], np.float32)
     neg = np.array([[1.5, 0.25]], np.float32)
-    n = ranking.normalise(acts, (pos, neg))
+    n = normalise(acts, (pos, neg))
     assert n[0].flatten().tolist() == pytest.approx([1.5, -12.0, 0.25, -2.0])
-    assert torch.equal(ranking.normalise(acts, None), acts)
+    assert torch.equal(normalise(acts, None), acts)
 
 
 def test_activation_rows_one_row_per_neuron_at_its_extreme_token():

@@ -99,8 +99,9 @@ def test_attribution_matches_central_finite_difference(lm64, kind):
     """A = a · ∂f/∂a with f = log p (or p); checked against (f(a+ε) − f(a−ε)) / 2ε in float64.
 
     Tolerance: relative 1e-4 (plus 1e-9 absolute) — float64 central differences with
-    ε = 1e-4 have error O(ε²) far below that. A detached-leaf gradient (the pitfall in
-    DESIGN.md) is off by large factors on early layers and fails this.
+    ε = 1e-4 have error O(ε²) far below that. A gradient through detached leaves (a hook
+    that swaps each layer's neurons for a fresh leaf cuts every path through later MLPs) is
+    off by large factors on early layers and fails this.
     """
     trace = run_trace(lm64, CHAT, target_index=-4, attribution=kind)
     target = trace.target_index
@@ -330,3 +331,29 @@ def test_cli_bad_input_is_one_line_exit_2(args):
     lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_engine_imports_no_database_dashboard_or_precompute_code():
+    """The layering: engine/ knows no database (cache/, concepts/), no Streamlit, no precompute.
+
+    Checked twice: statically (every import statement of every engine module but the
+    ``__main__`` entry point) and dynamically (importing all of them pulls none in)."""
+    import ast
+
+    forbidden = ("cache", "concepts", "dashboard", "precompute", "streamlit")
+    names = []
+    for path in sorted((ROOT / "engine").glob("*.py")):
+        if path.name == "__main__.py":
+            continue
+        names.append(f"engine.{path.stem}" if path.stem != "__init__" else "engine")
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for m in mods:
+                assert m.split(".")[0] not in forbidden, f"{path.name} imports {m}"
+    code = ("import sys, importlib\n"
+            f"for m in {names!r}: importlib.import_module(m)\n"
+            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r})\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -9,12 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from engine.concepts import ConceptSpec, Selection
+from engine.specs import ConceptSpec, Selection
 from engine.errors import MonitorError
-from engine.experiments import (
-    DECIMALS_PREFIX, Item, analyze, build_conditions, decimal_items, judge, load_items, parse_items, prepare,
-    run_experiment, sample_items, score, to_markdown,
-)
+from engine.experiments import analyze, build_conditions, run_experiment, to_markdown
+from engine.prompt_sets import DECIMALS_PREFIX, Item, decimal_items, load_items, parse_items, sample_items
+from engine.scoring import judge, prepare, score
 from engine.generate import generate, sequence_logprob
 from engine.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff_ci
 from engine.steering import Intervention, TokenRange

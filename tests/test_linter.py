@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from engine.errors import MonitorError
+from concepts.lint import LLMLabeler, parse_llm_label
 from engine.linter import (
-    SPURIOUS_RULE, LLMLabeler, NeuronHit, RelevanceCalibration, cluster_embeddings, conversation_text,
-    ctfidf_keywords, important_neurons, lint, parse_llm_label,
+    SPURIOUS_RULE, NeuronHit, RelevanceCalibration, cluster_embeddings, conversation_text, ctfidf_keywords,
+    important_neurons, lint,
 )
 from tests.fake_openai import chat_completion, send_json, serve
 
@@ -187,7 +188,7 @@ def db(embedded_db):
 
 
 def test_spurious_flag_on_planted_clusters(db):
-    from cache.concepts import random_description_vectors
+    from concepts.lint import random_description_vectors
     from cache.embedder import embed
 
     conv = embed(conversation_text(QUESTION))[0]
@@ -213,7 +214,7 @@ def test_spurious_flag_on_planted_clusters(db):
 
 
 def test_lint_trace_end_to_end(lm, db):
-    from cache.concepts import lint_trace
+    from concepts.lint import lint_trace
     from engine.trace import run_trace
 
     trace = run_trace(lm, QUESTION, target_index=-1)
@@ -228,3 +229,29 @@ def test_lint_trace_end_to_end(lm, db):
     act = lint_trace(db, trace, mode="activation", labeler=None, threshold=0.5)
     assert act.mode == "activation" and act.n_hits > 0
     json.dumps(report.to_dict())
+
+
+def test_linter_and_chat_table_select_the_same_neurons(lm, db):
+    """One activation view: the linter's activation mode and the chat table agree on which neurons are ≥ 1."""
+    from concepts.resolve import activation_view
+    from dashboard.ranking import activation_rows
+    from engine.trace import run_trace
+
+    trace = run_trace(lm, QUESTION)
+    view = activation_view(db)
+    # A neuron whose quantile is ~0 would reach |n| in the thousands without the floor: make sure some are.
+    q_hi = db.quantile_table(1 - 1e-5).copy()
+    q_lo = db.quantile_table(1e-5).copy()
+    q_hi[3, :40] = 1e-9
+    q_lo[3, 40:80] = -1e-9
+    for scale in (view, (q_hi, q_lo)):
+        v = scale if not isinstance(scale, tuple) else type(view).from_quantiles(*scale)
+        for threshold in (1.0, 0.5):
+            rows, total = activation_rows(v.normalise(trace.activations), trace.activations, threshold,
+                                          skip_sink=True, limit=10**6)
+            hits = important_neurons(trace, "activation", k=10**6, scale=scale, min_normalised=threshold)
+            assert total == len(rows) > 0
+            assert {(h.layer, h.neuron) for h in hits} == set(zip(rows["layer"], rows["neuron"]))
+            weight = {h.key: h.weight for h in hits}
+            for r in rows.itertuples():  # the table's value is the linter's weight for that polarity
+                assert weight[(r.layer, r.neuron, r.polarity)] == pytest.approx(abs(r.value), rel=1e-6)

@@ -27,21 +27,9 @@ import numpy as np
 import pytest
 
 from engine.errors import MonitorError
-from precompute.llm import (
-    CACHE_NAME,
-    INACTIVE,
-    ChatClient,
-    ExplainJob,
-    LLMConfig,
-    LLMExplainer,
-    RequestCache,
-    ScoreJob,
-    cache_key,
-    mark_exemplar,
-    parse_explanation,
-    parse_simulation,
-    resolve_config,
-)
+from engine.llm_client import ChatClient, RequestCache, cache_key
+from precompute.llm import CACHE_NAME, INACTIVE, ExplainJob, LLMConfig, LLMExplainer, ScoreJob, resolve_config
+from precompute.llm_prompts import mark_exemplar, parse_explanation, parse_simulation
 from tests.fake_openai import chat_completion, send_json, start, stop
 
 MODEL = "fake-model"

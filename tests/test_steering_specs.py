@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.concepts import (
-    MAX_K, ConceptSpec, Selection, answer_probabilities, compare_generations, diff_tokens, layer_counts,
-    parse_token_range, random_control, specs_from_json, specs_from_url, specs_to_json, specs_to_url,
-    token_range_text, union,
+from engine.controls import random_control
+from engine.generate import answer_probabilities, compare_generations, diff_tokens
+from engine.specs import (
+    MAX_K, ConceptSpec, Selection, layer_counts, specs_from_json, specs_from_url, specs_to_json, specs_to_url, union,
 )
+from engine.steering import parse_token_range, token_range_text
 from engine.errors import MonitorError
 from engine.steering import TokenRange, compile_interventions
 from engine.trace import run_trace
@@ -220,7 +221,7 @@ def all_embeddings(embedded_db):
     ConceptSpec("decimal numbers", mode="strengthen", k=15, min_score=0.1),
 ])
 def test_selection_equals_hand_computed_top_k(db, all_embeddings, spec):
-    from cache.concepts import select
+    from concepts.resolve import select
     from cache.embedder import embed
 
     keys, vecs, scores = all_embeddings
@@ -243,7 +244,7 @@ def test_selection_equals_hand_computed_top_k(db, all_embeddings, spec):
 
 
 def test_explicit_neurons_skip_search_and_bad_filters_raise(db):
-    from cache.concepts import resolve, select
+    from concepts.resolve import resolve, select
 
     spec = ConceptSpec("my cluster", neurons=[(0, 5, 1), (8, 7, -1)])
     assert select(db, spec).neurons == [(0, 5, 1), (8, 7, -1)]
@@ -251,19 +252,21 @@ def test_explicit_neurons_skip_search_and_bad_filters_raise(db):
         select(db, ConceptSpec("x", neurons=[(99, 1, 1)]))
     with pytest.raises(MonitorError, match="Layer range"):
         select(db, ConceptSpec("x", layer_range=(0, 99)))
-    u, q = resolve(db, [ConceptSpec("dates", mode="strengthen", k=10)])
+    r = resolve(db, [ConceptSpec("dates", mode="strengthen", k=10)])
+    u, q = r.union, r.quantiles
     assert q is not None and set(q) == {1, -1} and len(u) <= 10
 
 
 def test_suppression_zeroes_exactly_the_spec_neurons_on_exactly_its_tokens(lm, db):
-    from cache.concepts import resolve
+    from concepts.resolve import resolve
     from engine.chat import render_chat
 
     rendered = render_chat(lm.tokenizer, MULTI)
     start, end = rendered.last_turn("user")
     base = run_trace(lm, MULTI).activations  # [layers, tokens, neurons]
     for tokens, lo, hi in [("last_user", start, end), ("prompt", 0, len(rendered))]:
-        u, q = resolve(db, [ConceptSpec("Bible verses", k=120, tokens=tokens), ConceptSpec("dates", k=120, tokens=tokens)])
+        r = resolve(db, [ConceptSpec("Bible verses", k=120, tokens=tokens), ConceptSpec("dates", k=120, tokens=tokens)])
+        u, q = r.union, r.quantiles
         steered = run_trace(lm, MULTI, interventions=u.interventions, quantiles=q).activations
         mask = torch.zeros_like(base, dtype=torch.bool)
         for l, n in u.neurons:
@@ -283,10 +286,11 @@ def test_suppression_zeroes_exactly_the_spec_neurons_on_exactly_its_tokens(lm, d
 
 
 def test_compare_generations_and_answer_probabilities(lm, db):
-    from cache.concepts import resolve
+    from concepts.resolve import resolve
 
     chat = [{"role": "user", "content": "Which is bigger: 9.8 or 9.11?"}]
-    u, q = resolve(db, [ConceptSpec("dates", k=300, tokens="prompt+generated")])
+    r = resolve(db, [ConceptSpec("dates", k=300, tokens="prompt+generated")])
+    u, q = r.union, r.quantiles
     d = compare_generations(lm, chat, u.interventions, q, max_new_tokens=4)
     assert len(d.base_changed) == len(d.base.token_ids) and len(d.steered_changed) == len(d.steered.token_ids)
     if d.first_divergence is None:

@@ -7,13 +7,13 @@ import json
 import pandas as pd
 import streamlit as st
 
-from dashboard import state
+from dashboard import resources
 
 st.title("About / status")
 st.caption("A Streamlit monitor for the MLP neurons of Llama models: chat, trace, attribute, and read what each "
            "neuron means from a precomputed DuckDB neuron database.")
 
-res = state.resources()
+res = resources.resources()
 cfg = res.cfg
 for problem in cfg.problems:
     st.warning(problem)
@@ -37,14 +37,14 @@ db = res.dbr.db
 if db is None:
     st.error(res.dbr.error)
     st.markdown("Build it with this command (from the project folder), then reload this page:")
-    st.code(state.build_command(cfg.model), language="bash")
+    st.code(resources.build_command(cfg.model), language="bash")
     st.info("Without a database the chat and trace still work: activations are shown raw and no descriptions "
             "are joined.")
 else:
     if res.mismatch:
         st.warning(res.mismatch)
     meta = db.meta
-    described = state.described_layers(db)
+    described = resources.described_layers(db)
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("model", meta.get("model_id", "?"))
     m2.metric("layers × neurons", f"{db.n_layers} × {db.n_neurons:,}")

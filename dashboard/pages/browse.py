@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, state
+from dashboard import charts, links, resources, session, widgets
 from engine.errors import MonitorError
 
 MODES = ["semantic", "keyword"]
@@ -26,12 +26,12 @@ st.title("Database browser")
 st.caption("Find neurons by what their descriptions say. Semantic search embeds your text and ranks descriptions by "
            "cosine similarity; keyword search matches the text literally.")
 
-res = state.resources(load_model=False)
+res = resources.resources(load_model=False)
 db = res.dbr.db
 if db is None:
     st.error(res.dbr.error or "No neuron database is loaded.")
     st.markdown("Build it with:")
-    st.code(state.build_command(res.cfg.model), language="bash")
+    st.code(resources.build_command(res.cfg.model), language="bash")
     st.stop()
 
 L = db.n_layers
@@ -95,27 +95,27 @@ snapshot = st.session_state.get("_browse_url")
 if url_view or url_problems:
     if _to_url({**DEFAULTS, **url_view}) != snapshot:  # a new link (or an edited address): it wins
         for key in DEFAULTS:
-            state.set_widget(f"browse_{key}", url_view.get(key, DEFAULTS[key]))
+            widgets.set_widget(f"browse_{key}", url_view.get(key, DEFAULTS[key]))
 for problem in url_problems:
     st.warning(f"Ignored {problem} in the address.")
 
 c1, c2 = st.columns([4, 1])
-q = c1.text_input("Search", key=state.widget_key("browse_q", ""), max_chars=500,
+q = c1.text_input("Search", key=widgets.widget_key("browse_q", ""), max_chars=500,
                   placeholder="A concept, e.g. “Bible verses”, “dates”, “decimal numbers”")
-state.remember("browse_q")
-mode = c2.radio("Search by", MODES, key=state.widget_key("browse_mode", MODES[0]), horizontal=True)
-state.remember("browse_mode")
+widgets.remember("browse_q")
+mode = c2.radio("Search by", MODES, key=widgets.widget_key("browse_mode", MODES[0]), horizontal=True)
+widgets.remember("browse_mode")
 f1, f2, f3, f4 = st.columns([2, 1.2, 1.5, 1])
-layers = f1.slider("Layers", 0, L - 1, key=state.widget_key("browse_layers", (0, L - 1)))
-state.remember("browse_layers")
-pol = f2.selectbox("Polarity", POLARITIES, key=state.widget_key("browse_pol", POLARITIES[0]))
-state.remember("browse_pol")
-min_score = f3.slider("Min score", -1.0, 1.0, step=0.05, key=state.widget_key("browse_min_score", NO_MIN),
+layers = f1.slider("Layers", 0, L - 1, key=widgets.widget_key("browse_layers", (0, L - 1)))
+widgets.remember("browse_layers")
+pol = f2.selectbox("Polarity", POLARITIES, key=widgets.widget_key("browse_pol", POLARITIES[0]))
+widgets.remember("browse_pol")
+min_score = f3.slider("Min score", -1.0, 1.0, step=0.05, key=widgets.widget_key("browse_min_score", NO_MIN),
                       help="Description score (simulation correlation). −1 means no filter; unscored descriptions "
                            "are dropped by any other value.")
-state.remember("browse_min_score")
-k = f4.number_input("Results", 1, K_MAX, step=10, key=state.widget_key("browse_k", DEFAULT_K))
-state.remember("browse_k")
+widgets.remember("browse_min_score")
+k = f4.number_input("Results", 1, K_MAX, step=10, key=widgets.widget_key("browse_k", DEFAULT_K))
+widgets.remember("browse_k")
 
 view = {"q": q, "mode": mode, "layers": tuple(int(x) for x in layers), "pol": pol, "min_score": round(float(min_score), 2),
         "k": int(k)}
@@ -123,7 +123,7 @@ params = _to_url(view)
 if params != {key: str(v) for key, v in st.query_params.to_dict().items()}:
     st.query_params.from_dict(params)
 st.session_state["_browse_url"] = params
-described = state.described_layers(db)
+described = resources.described_layers(db)
 st.caption((f"Link to this view: `?{urlencode(params)}`" if params else "Link to this view: this page's address.")
            + (f" · This database describes layers {', '.join(map(str, described))}." if described else ""))
 
@@ -138,14 +138,14 @@ min_s = None if min_score <= NO_MIN else float(min_score)
 
 def _search() -> pd.DataFrame:
     if mode == "semantic":
-        vec = state.embed_query(q)
+        vec = resources.embed_query(q)
         return db.semantic_search(vec, k=int(k), layer_range=layer_range, polarity=polarity, min_score=min_s)
     return db.keyword_search(q, k=int(k), layer_range=layer_range, polarity=polarity, min_score=min_s)
 
 
 try:
     with st.spinner("Searching…"):
-        results = state.session_memo("browse", (res.dbr.stamp, q, mode, layer_range, polarity, min_s, int(k)), _search, 6)
+        results = session.session_memo("browse", (res.dbr.stamp, q, mode, layer_range, polarity, min_s, int(k)), _search, 6)
 except MonitorError as err:
     st.error(str(err))
     st.stop()
@@ -156,7 +156,7 @@ if results.empty:
     st.stop()
 
 results = results.copy()
-results["url"] = [state.neuron_url(l, n) for l, n in zip(results["layer"], results["neuron"])]
+results["url"] = [links.neuron_url(l, n) for l, n in zip(results["layer"], results["neuron"])]
 shown = results.assign(polarity=[charts.polarity_name(p) for p in results["polarity"]])
 st.markdown(f"**{len(results)}** result{'s' if len(results) != 1 else ''} for “{q}” ({mode})")
 cols = ["layer", "neuron", "polarity", "similarity", "score", "summary", "description", "url"]

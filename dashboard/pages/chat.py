@@ -11,8 +11,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, linter_panel, ranking, state, steering_panel  # noqa: F401 (the panels register)
+from dashboard import charts, highlight, links, ranking, resources, session, steering_specs, widgets
+from dashboard import linter_panel, steering_panel  # noqa: F401  (they register their panels, in this order)
 from dashboard.panels import CHAT_PANELS, ChatContext, panel_key
+from engine.activation_view import normalise
 from engine.errors import MonitorError
 
 MODES = ["Activation", "Attribution"]
@@ -22,12 +24,12 @@ OBJECTIVES = {"logprob": "log p(target)", "prob": "p(target)"}
 # `/?layer=L&neuron=N` is the neuron page's address too: send it there.
 _qp = st.query_params
 if "layer" in _qp and "neuron" in _qp:
-    st.switch_page(state.PAGE_NEURON, query_params={"layer": _qp.get("layer"), "neuron": _qp.get("neuron")})
-steering_panel.restore_from_url()  # `?steer=…` (a shared steering link) restores the steering specs
+    st.switch_page(links.PAGE_NEURON, query_params={"layer": _qp.get("layer"), "neuron": _qp.get("neuron")})
+steering_specs.restore_from_url()  # `?steer=…` (a shared steering link) restores the steering specs
 
-res = state.resources()
+res = resources.resources()
 lm = res.lm
-msgs = state.messages()
+msgs = session.messages()
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -54,7 +56,7 @@ def _on_token_click() -> None:
     if picked:
         pos = picked[0].get("pos") if isinstance(picked, list) else None
         if pos is not None:
-            state.set_widget("target", int(pos))
+            widgets.set_widget("target", int(pos))
 
 
 def _on_row_select() -> None:
@@ -65,21 +67,21 @@ def _on_row_select() -> None:
     except AttributeError:
         rows = []
     if rows and rows[0] < len(ids):
-        state.set_widget("inspect", ids[rows[0]])
+        widgets.set_widget("inspect", ids[rows[0]])
 
 
 # --------------------------------------------------------------------------- sidebar: chat settings
 with st.sidebar:
     st.subheader("Chat")
-    st.text_area("System prompt", key=state.widget_key("system_prompt", ""), height=90,
+    st.text_area("System prompt", key=widgets.widget_key("system_prompt", ""), height=90,
                  placeholder="Optional, e.g. “You are a careful math tutor.”",
                  help="Sent as the first message; empty uses the model's default template.")
-    state.remember("system_prompt")
-    st.slider("Temperature", 0.0, 1.5, step=0.05, key=state.widget_key("temperature", state.DEFAULT_TEMPERATURE),
+    widgets.remember("system_prompt")
+    st.slider("Temperature", 0.0, 1.5, step=0.05, key=widgets.widget_key("temperature", session.DEFAULT_TEMPERATURE),
               help="0 is greedy decoding; higher samples more freely.")
-    state.remember("temperature")
-    st.slider("Max new tokens", 1, 512, key=state.widget_key("max_new_tokens", state.DEFAULT_MAX_NEW_TOKENS))
-    state.remember("max_new_tokens")
+    widgets.remember("temperature")
+    st.slider("Max new tokens", 1, 512, key=widgets.widget_key("max_new_tokens", session.DEFAULT_MAX_NEW_TOKENS))
+    widgets.remember("max_new_tokens")
     chat_buttons = st.container()  # filled once this run's message is handled
 
 
@@ -105,7 +107,7 @@ for problem in res.cfg.problems:
 if res.model.error:
     st.error(f"The model could not be loaded, so chat and tracing are off: {res.model.error} "
              "Fix MONITOR_MODEL and restart the dashboard.")
-    st.page_link(state.PAGE_BROWSE, label="The database browser still works", icon=":material/manage_search:")
+    st.page_link(links.PAGE_BROWSE, label="The database browser still works", icon=":material/manage_search:")
 if res.dbr.error and lm is not None:
     st.warning(f"{res.dbr.error} Until then chat and tracing work, but values are raw activations "
                "(not normalised by quantiles) and no descriptions are shown.")
@@ -145,7 +147,7 @@ with chat_col:
 
                 t0 = time.perf_counter()
                 try:
-                    gen = generate(lm, state.chat_for_model(), max_new_tokens=int(st.session_state["max_new_tokens"]),
+                    gen = generate(lm, session.chat_for_model(), max_new_tokens=int(st.session_state["max_new_tokens"]),
                                    temperature=float(st.session_state["temperature"]), seed=seed, on_token=_on_token)
                 except MonitorError as err:
                     gen = None
@@ -155,7 +157,7 @@ with chat_col:
                     st.error(f"{err} (The message was not added.)")
                 if gen is not None:
                     st.session_state.pop("_pending", None)  # kept until here: a rerun mid-stream restarts the reply
-                    state.timings().update(generate_s=time.perf_counter() - t0, generated_tokens=len(gen.token_ids))
+                    session.timings().update(generate_s=time.perf_counter() - t0, generated_tokens=len(gen.token_ids))
                     placeholder.markdown(gen.text if gen.text.strip() else "_(empty reply)_")
                     msgs.append({"role": "assistant", "content": gen.text})
 
@@ -171,77 +173,77 @@ strip_box = st.container()
 
 # --------------------------------------------------------------------------- the trace
 rows_shown = pd.DataFrame()
-if lm is None or not state.has_conversation():
+if lm is None or not session.has_conversation():
     with token_col:
         st.info("Send a message: every token of the conversation appears here. Click a token (or pick it) to "
                 "make it the target; hover to see the model's top-5 next tokens.")
     st.stop()
 
-chat = state.chat_for_model()
+chat = session.chat_for_model()
 try:
-    fwd = state.get_trace(lm, chat)
+    fwd = session.get_trace(lm, chat)
 except MonitorError as err:
     token_col.error(str(err))
     st.stop()
 tokens = fwd.tokens
 n_tok = len(tokens)
-conv = state.conversation_key(chat)
+conv = session.conversation_key(chat)
 
 # Target: defaults to the first token of the last reply (or the last token), reset per conversation.
 if st.session_state.get("_target_conv") != conv:
     st.session_state["_target_conv"] = conv
     last = fwd.rendered.message_spans[-1] if fwd.rendered.message_spans else (n_tok - 1, n_tok)
     default_target = last[0] if chat[-1]["role"] == "assistant" and last[1] > last[0] else n_tok - 1
-    state.set_widget("target", int(min(max(default_target, 1), n_tok - 1)))
+    widgets.set_widget("target", int(min(max(default_target, 1), n_tok - 1)))
 if not 0 <= int(st.session_state.get("w_target", st.session_state.get("target", 1)) or 0) < n_tok:
-    state.set_widget("target", n_tok - 1)
+    widgets.set_widget("target", n_tok - 1)
 
 st.divider()
 c_mode, c_a, c_b, c_c = st.columns([1.3, 1.6, 1.4, 1.4], gap="medium")
 with c_mode:
-    mode = st.segmented_control("Mode", MODES, key=state.widget_key("mode", MODES[0]), required=True,
+    mode = st.segmented_control("Mode", MODES, key=widgets.widget_key("mode", MODES[0]), required=True,
                                 help="Activation: how far each neuron fires beyond its usual extremes. "
                                      "Attribution: how much each neuron pushes the target token.")
-    state.remember("mode")
+    widgets.remember("mode")
     mode = mode or MODES[0]
 with c_b:
-    skip_sink = st.toggle("Exclude token 0 (attention sink)", key=state.widget_key("skip_sink", True),
+    skip_sink = st.toggle("Exclude token 0 (attention sink)", key=widgets.widget_key("skip_sink", True),
                           help="A few neurons reach |a| ≈ 3,000 on the first token; leave it out of rankings.")
-    state.remember("skip_sink")
+    widgets.remember("skip_sink")
 with c_c:
-    heat_metric = st.radio("Heatmap shows", HEAT_METRICS, key=state.widget_key("heat_metric", HEAT_METRICS[0]),
+    heat_metric = st.radio("Heatmap shows", HEAT_METRICS, key=widgets.widget_key("heat_metric", HEAT_METRICS[0]),
                            horizontal=False)
-    state.remember("heat_metric")
+    widgets.remember("heat_metric")
 
-scales = state.get_scales(res)
-tkey = state.trace_key(lm, chat, None)
+view = resources.get_view(res)
+tkey = session.trace_key(lm, chat, None)
 target = int(st.session_state.get("w_target") or 0)
 value_title = "value"
 with c_a:
     if mode == "Activation":
-        label = "Threshold: |value ÷ extreme quantile| ≥" if scales is not None else "Threshold: |raw activation| ≥"
-        default_thr = 1.0 if scales is not None else 5.0
-        wk = state.widget_key("threshold" if scales is not None else "threshold_raw", default_thr)
-        threshold = st.slider(label, 0.0, 5.0 if scales is not None else 100.0, step=0.05 if scales is not None else 0.5,
+        label = "Threshold: |value ÷ extreme quantile| ≥" if view is not None else "Threshold: |raw activation| ≥"
+        default_thr = 1.0 if view is not None else 5.0
+        wk = widgets.widget_key("threshold" if view is not None else "threshold_raw", default_thr)
+        threshold = st.slider(label, 0.0, 5.0 if view is not None else 100.0, step=0.05 if view is not None else 0.5,
                               key=wk, help="1.0 = at the database's most extreme stored quantile "
                                            "(1 − 1e-5 for positive values, 1e-5 for negative).")
-        state.remember("threshold" if scales is not None else "threshold_raw")
-        value_title = "activation ÷ extreme quantile" if scales is not None else "raw activation"
+        widgets.remember("threshold" if view is not None else "threshold_raw")
+        value_title = "activation ÷ extreme quantile" if view is not None else "raw activation"
     else:
         objective = st.radio("Attribution objective", list(OBJECTIVES), format_func=OBJECTIVES.get, horizontal=True,
-                             key=state.widget_key("objective", "logprob"),
+                             key=widgets.widget_key("objective", "logprob"),
                              help="activation × ∂objective/∂activation, total derivative through later layers.")
-        state.remember("objective")
+        widgets.remember("objective")
         value_title = f"attribution to {OBJECTIVES[objective]}"
 
 # --------------------------------------------------------------------------- rank
 heat = None
 note, note_kind = "", "markdown"
 if mode == "Activation":
-    norm = state.session_memo("norm", (tkey, scales is not None), lambda: ranking.normalise(fwd.activations, scales), 2)
-    rows, total = state.session_memo("act_rows", (tkey, scales is not None, threshold, skip_sink),
+    norm = session.session_memo("norm", (tkey, view is not None), lambda: normalise(fwd.activations, view), 2)
+    rows, total = session.session_memo("act_rows", (tkey, view is not None, threshold, skip_sink),
                                      lambda: ranking.activation_rows(norm, fwd.activations, threshold, skip_sink))
-    heat = state.session_memo("act_heat", (tkey, scales is not None, threshold, skip_sink),
+    heat = session.session_memo("act_heat", (tkey, view is not None, threshold, skip_sink),
                               lambda: ranking.activation_heatmap(norm, threshold, skip_sink))
     note = (f"**{total:,}** neurons reach |{value_title}| ≥ {threshold:g}"
             + (f" (showing the strongest {len(rows):,})" if total > len(rows) else "")
@@ -255,24 +257,24 @@ else:
         note, note_kind = "Token 0 has nothing before it to predict it: pick another target token to attribute to.", "info"
     else:
         try:
-            target_trace = state.get_trace(lm, chat, target)
+            target_trace = session.get_trace(lm, chat, target)
         except MonitorError as err:
             note, note_kind = str(err), "error"
     if target_trace is not None:
-        akey = state.trace_key(lm, chat, target)
+        akey = session.trace_key(lm, chat, target)
         attr = ranking.attribution_values(target_trace, objective)
-        rows = state.session_memo("attr_rows", (akey, objective, skip_sink),
+        rows = session.session_memo("attr_rows", (akey, objective, skip_sink),
                                   lambda: ranking.attribution_rows(attr, target_trace.activations,
-                                                                   state.ATTRIBUTION_TOP_K, skip_sink))
-        heat = state.session_memo("attr_heat", (akey, objective, skip_sink),
+                                                                   session.ATTRIBUTION_TOP_K, skip_sink))
+        heat = session.session_memo("attr_heat", (akey, objective, skip_sink),
                                   lambda: ranking.attribution_heatmap(attr, rows, skip_sink))
-        note = (f"Target token **{target}** `{state.show_token(tokens[target])}`: p = {target_trace.target_prob:.3f} "
+        note = (f"Target token **{target}** `{highlight.show_token(tokens[target])}`: p = {target_trace.target_prob:.3f} "
                 f"given the tokens before it. Top **{len(rows):,}** (layer, token, neuron) cells by |attribution|"
                 + (" · token 0 excluded" if skip_sink else "") + ".")
     else:
         target_trace = fwd  # panels still get a trace (activations only)
 
-desc = state.describe(res, zip(rows["layer"], rows["neuron"]))
+desc = resources.describe(res, zip(rows["layer"], rows["neuron"]))
 table = ranking.join_descriptions(rows, desc)
 if res.db is None:
     missing_text = "no database loaded"
@@ -281,21 +283,21 @@ else:
 table["described"] = table["description"].notna()
 table["description"] = table["description"].fillna(missing_text)
 table["summary"] = table["summary"].fillna(missing_text)
-table["token"] = [state.token_label(i, tokens[i]) for i in table["token_index"]]
+table["token"] = [highlight.token_label(i, tokens[i]) for i in table["token_index"]]
 table["polarity_name"] = [charts.polarity_name(p) for p in table["polarity"]]
-table["url"] = [state.neuron_url(l, n) for l, n in zip(table["layer"], table["neuron"])]
+table["url"] = [links.neuron_url(l, n) for l, n in zip(table["layer"], table["neuron"])]
 table["id"] = [f"{l}/{n}" for l, n in zip(table["layer"], table["neuron"])]
 
 getattr(st, note_kind)(note)
 fc1, fc3, fc2 = st.columns([3, 1.2, 1.2])
-only_described = fc3.toggle("Only described neurons", key=state.widget_key("only_described", False),
+only_described = fc3.toggle("Only described neurons", key=widgets.widget_key("only_described", False),
                             disabled=res.db is None, help="Hide neurons whose layer the database does not describe.")
-state.remember("only_described")
-keyword = fc1.text_input("Filter rows by keyword", key=state.widget_key("table_filter", ""),
+widgets.remember("only_described")
+keyword = fc1.text_input("Filter rows by keyword", key=widgets.widget_key("table_filter", ""),
                          placeholder="e.g. bible, date, decimal — matches description, summary or token")
-state.remember("table_filter")
-top_n = fc2.slider("Bars in the chart", 5, 50, key=state.widget_key("top_n", 20))
-state.remember("top_n")
+widgets.remember("table_filter")
+top_n = fc2.slider("Bars in the chart", 5, 50, key=widgets.widget_key("top_n", 20))
+widgets.remember("top_n")
 shown = ranking.keyword_filter(table[table["described"]] if only_described and res.db is not None else table,
                                 keyword)
 if keyword and shown.empty:
@@ -350,20 +352,20 @@ inspect_ids = list(dict.fromkeys(shown["id"].head(300)))
 inspected = None
 if inspect_ids:
     if st.session_state.get("w_inspect") not in inspect_ids:
-        state.set_widget("inspect", inspect_ids[0])
+        widgets.set_widget("inspect", inspect_ids[0])
     labels = {r.id: f"L{r.layer}/N{r.neuron} · {r.polarity_name} · {r.token} · {r.summary}"[:120]
               for r in shown.head(300).itertuples()}
     ic1, ic2 = st.columns([3, 1])
     pick = ic1.selectbox("Neuron (or click a table row)", inspect_ids, format_func=lambda i: labels.get(i, i),
-                         key=state.widget_key("inspect", inspect_ids[0]))
-    state.remember("inspect")
+                         key=widgets.widget_key("inspect", inspect_ids[0]))
+    widgets.remember("inspect")
     layer_i, neuron_i = (int(x) for x in pick.split("/"))
     inspected = (layer_i, neuron_i)
     with ic2:
         st.write("")
-        st.page_link(state.PAGE_NEURON, label=f"Open neuron L{layer_i}/N{neuron_i}", icon=":material/open_in_new:",
-                     query_params=state.neuron_query(layer_i, neuron_i))
-    d = state.describe(res, [(layer_i, neuron_i)]).iloc[0]
+        st.page_link(links.PAGE_NEURON, label=f"Open neuron L{layer_i}/N{neuron_i}", icon=":material/open_in_new:",
+                     query_params=links.neuron_query(layer_i, neuron_i))
+    d = resources.describe(res, [(layer_i, neuron_i)]).iloc[0]
     dc1, dc2 = st.columns(2)
     for col, pol, name in ((dc1, "pos", "Positive"), (dc2, "neg", "Negative")):
         with col:
@@ -380,16 +382,16 @@ else:
 # --------------------------------------------------------------------------- target (top right) and tokens
 with target_box:
     st.subheader("Target token")
-    target = st.selectbox("Target token", list(range(n_tok)), format_func=lambda i: state.token_label(i, tokens[i]),
-                          key=state.widget_key("target", n_tok - 1), label_visibility="collapsed",
+    target = st.selectbox("Target token", list(range(n_tok)), format_func=lambda i: highlight.token_label(i, tokens[i]),
+                          key=widgets.widget_key("target", n_tok - 1), label_visibility="collapsed",
                           help="The token to attribute to, and whose next-token probabilities are shown.")
-    state.remember("target")
+    widgets.remember("target")
     p = fwd.next_token_prob[target]
     st.markdown(f"p(token {target} | tokens before) = **{p:.3f}**" if p is not None
                 else "Token 0 has no prediction before it.")
     st.markdown(f"**Top-5 next tokens after token {target}**")
     top5 = pd.DataFrame(fwd.top_next[target], columns=["next token", "probability"])
-    top5["next token"] = [repr(state.show_token(t)) for t in top5["next token"]]
+    top5["next token"] = [repr(highlight.show_token(t)) for t in top5["next token"]]
     st.dataframe(top5, hide_index=True, key="top5", width="stretch",
                  column_config={"probability": st.column_config.ProgressColumn(
                      "probability", min_value=0.0, max_value=1.0, format="%.3f")})
@@ -399,9 +401,8 @@ with strip_box:
     vtitle = "activation"
     if inspected is not None:
         a = fwd.activations[inspected[0], :, inspected[1]]
-        if scales is not None:
-            s_pos, s_neg = scales[0][inspected], scales[1][inspected]
-            vals = [float(x / s_pos) if x >= 0 else float(x / s_neg) for x in a.tolist()]
+        if view is not None:
+            vals = view.value(inspected[0], inspected[1], a.numpy()).tolist()
             vtitle = f"L{inspected[0]}/N{inspected[1]} ÷ quantile"
         else:
             vals = a.tolist()
@@ -410,11 +411,11 @@ with strip_box:
                 + (f" · coloured by the inspected neuron **L{inspected[0]}/N{inspected[1]}** (red positive, "
                    "blue negative)" if inspected is not None else ""))
     token_data, token_spec = charts.token_chart(tokens, fwd.top_next, fwd.next_token_prob, vals, vtitle, target,
-                                                dark=state.dark_theme())
+                                                dark=widgets.dark_theme())
     st.vega_lite_chart(token_data, token_spec, key="token_chart", on_select=_on_token_click,
                        selection_mode=charts.TOKEN_SELECTION, width="content")
 
-# --------------------------------------------------------------------------- extension panels (issue 5)
+# --------------------------------------------------------------------------- extension panels (linter, steering)
 ctx = ChatContext(res=res, chat=chat, trace=target_trace, mode=mode, target=target if mode == "Attribution" else None,
                   rows=rows_shown)
 for panel in CHAT_PANELS:

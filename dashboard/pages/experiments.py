@@ -1,6 +1,6 @@
 """Steering experiments: accuracy under concept steering against the baseline and random controls.
 
-The headline case (DESIGN.md): "Which is bigger: 9.8 or 9.11?". Every run scores the same
+The headline case: "Which is bigger: 9.8 or 9.11?". Every run scores the same
 prompts under the baseline, each spec alone, their union and ``controls`` random-neuron
 controls of the same size per layer (:func:`engine.experiments.build_conditions`), then
 reports accuracy with 95% bootstrap intervals, paired McNemar tests and a plain verdict
@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import state, steering_panel
+from dashboard import resources, steering_specs, widgets
 from engine import experiments as ex
-from engine.concepts import ConceptSpec, specs_from_json
+from engine import prompt_sets, scoring
+from engine.specs import ConceptSpec, specs_from_json
 from engine.errors import MonitorError
 
 DEFAULT_N = 40
@@ -37,12 +38,12 @@ CUSTOM_EXAMPLE = '{"prompt": "Which is bigger: 9.8 or 9.11?", "correct": "9.8", 
 
 
 def items_from_text(text: str, name: str) -> list:
-    """Items from JSON-lines text (:func:`engine.experiments.load_items`), errors naming ``name``."""
+    """Items from JSON-lines text (:func:`engine.prompt_sets.load_items`), errors naming ``name``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "prompts.jsonl"
         path.write_text(text, encoding="utf-8")
         try:
-            return ex.load_items(path)
+            return prompt_sets.load_items(path)
         except MonitorError as err:
             raise MonitorError(str(err).replace(str(path), name)) from err
 
@@ -139,46 +140,46 @@ def honest_note(summary: dict) -> str:
 
 
 # --------------------------------------------------------------------------- the page
-steering_panel.restore_from_url()
+steering_specs.restore_from_url()
 st.title("Steering experiments")
 st.caption("Does steering a concept change accuracy more than steering as many random neurons? Each prompt is scored "
            "under the baseline, each spec, their union and random controls (same number of neurons per layer, same "
            "mode and tokens). Forced choice: correct when log p(correct answer) > log p(wrong answer) after the reply "
            "stem; greedy: the first number of the greedy reply.")
 
-res = state.resources()
+res = resources.resources()
 if res.model.error:
     st.error(f"The model could not be loaded, so experiments cannot run: {res.model.error}")
     st.stop()
 lm = res.lm
 
-which = st.radio("Prompts", ["decimals", "custom"], horizontal=True, key=state.widget_key("exp_which", "decimals"),
+which = st.radio("Prompts", ["decimals", "custom"], horizontal=True, key=widgets.widget_key("exp_which", "decimals"),
                  format_func={"decimals": "Decimals (X.Y vs X.Z, e.g. 9.8 vs 9.11)",
                               "custom": "Custom (JSON lines of prompt, correct, wrong)"}.get)
-state.remember("exp_which")
+widgets.remember("exp_which")
 items_error = None
 all_items: list = []
 if which == "decimals":
     c1, c2 = st.columns(2)
-    template = c1.text_input("Template", key=state.widget_key("exp_template", ex.DECIMALS_TEMPLATE),
+    template = c1.text_input("Template", key=widgets.widget_key("exp_template", prompt_sets.DECIMALS_TEMPLATE),
                              help="Must contain {a} and {b}. 1,280 questions: both orders of 640 pairs.")
-    state.remember("exp_template")
-    stem = c2.text_input("Reply stem", key=state.widget_key("exp_stem", ex.DECIMALS_PREFIX),
+    widgets.remember("exp_template")
+    stem = c2.text_input("Reply stem", key=widgets.widget_key("exp_stem", prompt_sets.DECIMALS_PREFIX),
                          help="The assistant reply starts with this before the answer is scored.")
-    state.remember("exp_stem")
+    widgets.remember("exp_stem")
     try:
-        all_items = ex.decimal_items(template)
+        all_items = prompt_sets.decimal_items(template)
     except MonitorError as err:
         items_error = str(err)
 else:
     up = st.file_uploader("Prompt file (.jsonl)", type=["jsonl", "json", "txt"], key="exp_upload",
                           help="One JSON object per line: " + CUSTOM_EXAMPLE)
-    st.text_area("…or paste JSON lines", key=state.widget_key("exp_paste", ""), height=110,
+    st.text_area("…or paste JSON lines", key=widgets.widget_key("exp_paste", ""), height=110,
                  placeholder=CUSTOM_EXAMPLE)
-    pasted = state.remember("exp_paste") or ""
-    stem = st.text_input("Reply stem", key=state.widget_key("exp_custom_stem", ""),
+    pasted = widgets.remember("exp_paste") or ""
+    stem = st.text_input("Reply stem", key=widgets.widget_key("exp_custom_stem", ""),
                          help="Optional text the assistant reply starts with before the answer.")
-    state.remember("exp_custom_stem")
+    widgets.remember("exp_custom_stem")
     try:
         if up is not None:
             all_items = items_from_text(up.getvalue().decode("utf-8", errors="replace"), up.name)
@@ -192,18 +193,18 @@ if items_error:
     (st.info if which == "custom" and "Upload a .jsonl" in items_error else st.error)(items_error)
 
 st.subheader("Steering")
-session_specs = steering_panel.current_specs(enabled_only=True)
+session_specs = steering_specs.current_specs(enabled_only=True)
 use_session = st.checkbox(f"Use this session's enabled steering specs ({len(session_specs)})",
-                          key=state.widget_key("exp_use_session", True), disabled=not session_specs,
+                          key=widgets.widget_key("exp_use_session", True), disabled=not session_specs,
                           help="Specs added on the chat or Steering page (or restored from a ?steer= link).")
-state.remember("exp_use_session")
+widgets.remember("exp_use_session")
 if session_specs:
     st.caption("Session specs: " + "; ".join(s.label for s in session_specs))
-st.text_area("More specs, one per line", key=state.widget_key("exp_specs", ""), height=80,
+st.text_area("More specs, one per line", key=widgets.widget_key("exp_specs", ""), height=80,
              placeholder="Bible verses:suppress:500\ndates:suppress:500\nlove:strengthen:50:strength=1.0",
              help="concept[:mode[:k[:key=value…]]], keys strength, layers (lo-hi), min_score, keyword, polarity, "
                   "tokens; or a JSON list as exported by the steering panel.")
-typed = state.remember("exp_specs") or ""
+typed = widgets.remember("exp_specs") or ""
 spec_error = None
 try:
     specs = (list(session_specs) if use_session and session_specs else []) + parse_typed_specs(typed)
@@ -213,23 +214,23 @@ except MonitorError as err:
 
 c1, c2, c3 = st.columns(3)
 n_total = len(all_items)
-n = c1.number_input("Prompts (n, sampled)", 1, MAX_N, key=state.widget_key("exp_n", DEFAULT_N),
+n = c1.number_input("Prompts (n, sampled)", 1, MAX_N, key=widgets.widget_key("exp_n", DEFAULT_N),
                     help="Drawn without replacement with the seed (all of them when n is larger than the set); more "
                          "prompts narrow the intervals but take longer.")
-state.remember("exp_n")
-controls = c2.number_input("Random controls", 0, MAX_CONTROLS, key=state.widget_key("exp_controls", DEFAULT_CONTROLS),
+widgets.remember("exp_n")
+controls = c2.number_input("Random controls", 0, MAX_CONTROLS, key=widgets.widget_key("exp_controls", DEFAULT_CONTROLS),
                            help="Each is a fresh random neuron set as large as the union, per layer.")
-state.remember("exp_controls")
-seed = c3.number_input("Seed", 0, 2**31 - 1, key=state.widget_key("exp_seed", 0),
+widgets.remember("exp_controls")
+seed = c3.number_input("Seed", 0, 2**31 - 1, key=widgets.widget_key("exp_seed", 0),
                        help="Seeds the prompt sample, the controls (seed, seed+1, …) and the bootstrap.")
-state.remember("exp_seed")
+widgets.remember("exp_seed")
 c4, c5 = st.columns([1, 2], vertical_alignment="bottom")
-greedy = c4.toggle("Also score greedy replies", key=state.widget_key("exp_greedy", False),
+greedy = c4.toggle("Also score greedy replies", key=widgets.widget_key("exp_greedy", False),
                    help="Decodes a short reply per prompt and condition: about 2–3× slower.")
-state.remember("exp_greedy")
-max_new = c5.number_input("Greedy reply tokens (at most)", 1, 64, key=state.widget_key("exp_max_new", ex.DEFAULT_MAX_NEW_TOKENS),
+widgets.remember("exp_greedy")
+max_new = c5.number_input("Greedy reply tokens (at most)", 1, 64, key=widgets.widget_key("exp_max_new", scoring.DEFAULT_MAX_NEW_TOKENS),
                           disabled=not greedy)
-state.remember("exp_max_new")
+widgets.remember("exp_max_new")
 
 enabled = [s for s in specs if s.enabled]
 n_conditions = 1 + len(enabled) + (1 if len(enabled) > 1 else 0) + (int(controls) if enabled else 0)
@@ -256,18 +257,15 @@ run = st.button("Run experiment", type="primary", key="exp_run", icon=":material
                 disabled=bool(items_error) or bool(spec_error) or not all_items)
 if run:
     try:
-        items = ex.sample_items(all_items, int(n), int(seed))
+        items = prompt_sets.sample_items(all_items, int(n), int(seed))
         selections, quantiles = [], None
         if enabled:
             if res.db is None:
                 raise MonitorError("Steering specs need the neuron database: "
                                    + (res.dbr.error or res.mismatch or "none is loaded."))
-            from cache.concepts import select_all, steering_quantiles
-
             with st.spinner("Selecting the specs' neurons…"):
-                selections = select_all(res.db, enabled, embed_fn=state.embed_query)
-            if any(s.spec.mode == "strengthen" for s in selections):
-                quantiles = steering_quantiles(res.db)
+                resolved = steering_specs.steering(res, enabled, strict=True)
+            selections, quantiles = resolved.selections, resolved.quantiles
         conditions = ex.build_conditions(selections, lm.n_neurons, int(controls), int(seed))
         config = {"experiment": which, "model": lm.name, "db": res.dbr.path.name if res.dbr.path else None,
                   "seed": int(seed), "controls": int(controls), "specs": [s.to_dict() for s in enabled],
@@ -296,8 +294,8 @@ if summary:
     st.subheader("Results")
     metrics = [m for m in METRICS if any(m in r for r in summary["conditions"])]
     metric = st.radio("Metric", metrics, format_func=METRICS.get, horizontal=True,
-                      key=state.widget_key("exp_metric", metrics[0]))
-    state.remember("exp_metric")
+                      key=widgets.widget_key("exp_metric", metrics[0]))
+    widgets.remember("exp_metric")
     if metric not in metrics:
         metric = metrics[0]
     st.markdown("**What this shows**")
@@ -326,4 +324,4 @@ if summary:
     d2.download_button("Download table (Markdown)", (markdown + "\n").encode(), file_name="experiment.md",
                        mime="text/markdown", key="exp_md", icon=":material/download:")
 
-steering_panel.sync_url()  # the session's specs in the address: a link to this page reproduces them
+steering_specs.sync_url()  # the session's specs in the address: a link to this page reproduces them

@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, highlight, state
+from dashboard import charts, highlight, links, resources, session
 from engine.errors import MonitorError
 
 EXEMPLARS_SHOWN = 8
 
-res = state.resources()
+res = resources.resources()
 lm, db = res.lm, res.db
 n_layers = db.n_layers if db is not None else (lm.n_layers if lm is not None else None)
 n_neurons = db.n_neurons if db is not None else (lm.n_neurons if lm is not None else None)
@@ -89,7 +89,7 @@ if db is not None:
         st.error(str(err))
 
 # --------------------------------------------------------------------------- descriptions
-described = state.described_layers(db)
+described = resources.described_layers(db)
 if info is not None:
     descs = info["descriptions"]
     if not descs:
@@ -113,33 +113,32 @@ if info is not None:
 
 # --------------------------------------------------------------------------- live activation on the conversation
 st.subheader("On the current conversation")
-scales = state.get_scales(res)
+view = resources.get_view(res)
 if lm is None:
     st.caption(f"The model is not loaded ({res.model.error}), so there is no live activation.")
-elif not state.has_conversation():
+elif not session.has_conversation():
     st.info("No conversation in this session yet: chat on the main page, then come back to see this neuron live.")
-    st.page_link(state.PAGE_CHAT, label="Go to the chat", icon=":material/forum:")
+    st.page_link(links.PAGE_CHAT, label="Go to the chat", icon=":material/forum:")
 else:
     try:
-        trace = state.get_trace(lm, state.chat_for_model())
+        trace = session.get_trace(lm, session.chat_for_model())
     except MonitorError as err:
         st.error(str(err))
         trace = None
     if trace is not None:
         a = trace.activations[layer, :, neuron].numpy().astype(np.float64)  # [tokens]
-        if scales is not None:
-            s_pos, s_neg = float(scales[0][layer, neuron]), float(scales[1][layer, neuron])
-            normed = np.where(a >= 0, a / s_pos, a / s_neg)
+        if view is not None:
+            normed = view.value(layer, neuron, a)
         else:
             normed = a
         rest = np.abs(normed[1:]) if len(normed) > 1 else np.abs(normed)
         k = int(np.argmax(rest)) + (1 if len(normed) > 1 else 0)
         m1, m2, m3 = st.columns(3)
-        m1.metric("most extreme token (token 0 excluded)", state.token_label(k, trace.tokens[k]))
+        m1.metric("most extreme token (token 0 excluded)", highlight.token_label(k, trace.tokens[k]))
         m2.metric("activation there", f"{a[k]:+.3g}")
-        m3.metric("÷ extreme quantile" if scales is not None else "normalised", f"{normed[k]:+.2f}" if scales is not None
+        m3.metric("÷ extreme quantile" if view is not None else "normalised", f"{normed[k]:+.2f}" if view is not None
                   else "needs the database")
-        titles = [f"{i}: {t!r}  activation {v:+.3g}" + (f"  (÷ quantile {q:+.2f})" if scales is not None else "")
+        titles = [f"{i}: {t!r}  activation {v:+.3g}" + (f"  (÷ quantile {q:+.2f})" if view is not None else "")
                   for i, (t, v, q) in enumerate(zip(trace.tokens, a, normed))]
         st.html(highlight.token_spans(trace.tokens, normed, scale=max(1.0, float(np.max(np.abs(normed[1:])))
                                                                       if len(normed) > 1 else 1.0),
@@ -218,7 +217,7 @@ else:
                 st.caption(str(err))
                 continue
             near["polarity"] = [charts.polarity_name(p) for p in near["polarity"]]
-            near["url"] = [state.neuron_url(l, n) for l, n in zip(near["layer"], near["neuron"])]
+            near["url"] = [links.neuron_url(l, n) for l, n in zip(near["layer"], near["neuron"])]
             st.dataframe(near[["layer", "neuron", "polarity", "similarity", "summary", "url"]], hide_index=True,
                          key=f"neighbours_{pol}",
                          column_config={"similarity": st.column_config.NumberColumn(format="%.3f"),
@@ -226,6 +225,6 @@ else:
                                         "url": st.column_config.LinkColumn("page", display_text="open ↗")})
             first = near.iloc[0] if len(near) else None
             if first is not None:
-                st.page_link(state.PAGE_NEURON, label=f"Go to the nearest: L{first['layer']}/N{first['neuron']}",
-                             query_params=state.neuron_query(first["layer"], first["neuron"]),
+                st.page_link(links.PAGE_NEURON, label=f"Go to the nearest: L{first['layer']}/N{first['neuron']}",
+                             query_params=links.neuron_query(first["layer"], first["neuron"]),
                              icon=":material/arrow_forward:")

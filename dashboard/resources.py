@@ -1,21 +1,14 @@
-"""Shared dashboard state: configuration, the model and database, the conversation and its traces.
+"""The dashboard's per-process resources, shared by every browser session.
 
-Three lifetimes:
+Provides the configuration (:func:`get_config`: ``MONITOR_MODEL``, ``MONITOR_DB``,
+``MONITOR_MAX_MESSAGE_CHARS``), the loaded model (:func:`get_model`), the read-only neuron
+database (:func:`get_db`), its activation view (:func:`get_view`), a description lookup cache
+(:func:`describe`), the query embedder (:func:`embed_query`), and :func:`resources`, which
+bundles them for a page as :class:`Resources`.
 
-* **per process** (``st.cache_resource``, shared by every browser session): the loaded model
-  (:func:`get_model`), the read-only neuron database (:func:`get_db`), its quantile scales
-  (:func:`get_scales`) and a description lookup cache (:func:`describe`). The engine takes
-  ``LoadedModel.lock`` around every forward pass and ``NeuronDB`` gives each query its own
-  cursor, so sessions can share them. Nothing here is ever written by a session.
-* **per session** (``st.session_state``): the conversation (:func:`messages`), the system prompt,
-  and a small LRU memo of traces keyed on (model, conversation, target) (:func:`get_trace`),
-  so a trace is computed once per conversation state and target and reused across reruns,
-  widget changes and pages.
-* **per run**: everything else.
-
-Configuration comes from the environment (:func:`get_config`): ``MONITOR_MODEL`` (default
-``embedded``), ``MONITOR_DB`` (default ``cache.paths.db_path(model)``) and
-``MONITOR_MAX_MESSAGE_CHARS`` (default 4000).
+Everything here is cached with ``st.cache_resource`` and never written by a session. The
+engine takes ``LoadedModel.lock`` around every forward pass and ``NeuronDB`` gives each
+query its own cursor, so sessions can share them.
 """
 
 from __future__ import annotations
@@ -24,10 +17,9 @@ import json
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,20 +27,8 @@ import streamlit as st
 
 from engine.errors import MonitorError
 
-ROOT = Path(__file__).resolve().parents[1]
-
 DEFAULT_MODEL = "embedded"
 DEFAULT_MAX_MESSAGE_CHARS = 4000
-DEFAULT_TEMPERATURE = 0.2
-DEFAULT_MAX_NEW_TOKENS = 64
-ATTRIBUTION_TOP_K = 1000  # (layer, token, neuron) cells kept in attribution mode
-Q_HIGH = 1 - 1e-5  # positive values are divided by this quantile …
-Q_LOW = 1e-5  # … negative values by this one
-TRACE_MEMO_SIZE = 6  # traces kept per session
-PAGE_NEURON = "pages/neuron.py"
-PAGE_CHAT = "pages/chat.py"
-PAGE_BROWSE = "pages/browse.py"
-PAGE_ABOUT = "pages/about.py"
 
 
 # --------------------------------------------------------------------------- configuration
@@ -190,19 +170,19 @@ def described_layers(db) -> list[int] | None:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _scales(_db, stamp: tuple) -> tuple[np.ndarray, np.ndarray]:
-    from dashboard.ranking import quantile_scales
+def _view(_db, stamp: tuple):
+    from concepts.resolve import activation_view
 
-    return quantile_scales(_db.quantile_table(Q_HIGH), _db.quantile_table(Q_LOW))
+    return activation_view(_db)
 
 
-def get_scales(res: "Resources") -> tuple[np.ndarray, np.ndarray] | None:
-    """(positive, negative) divisors [layers, neurons] from the database's extreme quantiles,
+def get_view(res: "Resources"):
+    """The database's :class:`engine.activation_view.ActivationView` (floored quantile divisors),
     or None without a usable database."""
     if res.db is None:
         return None
     try:
-        return _scales(res.db, res.dbr.stamp)
+        return _view(res.db, res.dbr.stamp)
     except MonitorError:
         return None
 
@@ -256,117 +236,6 @@ def embed_query(text: str) -> np.ndarray:
         return embed([text])[0]
 
 
-# --------------------------------------------------------------------------- conversation
-def messages() -> list[dict]:
-    """This session's user/assistant messages (the system prompt is kept apart)."""
-    return st.session_state.setdefault("messages", [])
-
-
-def system_prompt() -> str:
-    return str(st.session_state.get("system_prompt", "") or "")
-
-
-def chat_for_model(msgs: list[dict] | None = None) -> list[dict]:
-    """The chat to render: the system prompt (when set) followed by the messages."""
-    msgs = messages() if msgs is None else msgs
-    sys_prompt = system_prompt().strip()
-    head = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
-    return head + [{"role": m["role"], "content": m["content"]} for m in msgs]
-
-
-def conversation_key(chat: list[dict]) -> tuple:
-    """A hashable key of a chat: ((role, content), …)."""
-    return tuple((m["role"], m["content"]) for m in chat)
-
-
-def has_conversation() -> bool:
-    return any(m["role"] == "user" for m in messages())
-
-
-# --------------------------------------------------------------------------- traces (per session)
-def _memo() -> OrderedDict:
-    return st.session_state.setdefault("_trace_memo", OrderedDict())
-
-
-def trace_key(lm, chat: list[dict], target: int | None) -> tuple:
-    return (lm.name, conversation_key(chat), None if target is None else int(target))
-
-
-def get_trace(lm, chat: list[dict], target: int | None = None):
-    """The trace of ``chat`` (with attribution toward ``target`` when given), memoised per session.
-
-    The key is (model, conversation, target): mode, threshold, sorting and chart widgets do not
-    enter it, so changing them reuses the trace. Attribution is computed with ``logprob``; the
-    ``prob`` variant is that times the target probability (see ``engine.trace``), so one trace
-    serves both. The last message being the assistant's, the chat is rendered without a new
-    generation prompt. Raises MonitorError (e.g. a chat longer than the context).
-    """
-    from engine.trace import run_trace
-
-    key = trace_key(lm, chat, target)
-    memo = _memo()
-    if key in memo:
-        memo.move_to_end(key)
-        return memo[key]
-    add_prompt = not chat or chat[-1]["role"] != "assistant"
-    label = "Tracing the conversation…" if target is None else "Tracing with attribution to the target token…"
-    t0 = time.perf_counter()
-    with st.spinner(label):
-        trace = run_trace(lm, chat, target_index=target, attribution="logprob" if target is not None else None,
-                          add_generation_prompt=add_prompt)
-    timings()["trace_s"] = time.perf_counter() - t0
-    timings()["trace_kind"] = "activation" if target is None else "attribution"
-    memo[key] = trace
-    while len(memo) > TRACE_MEMO_SIZE:
-        memo.popitem(last=False)
-    return trace
-
-
-def session_memo(name: str, key: tuple, compute: Callable[[], Any], size: int = 8) -> Any:
-    """A small per-session LRU for values derived from a trace (tables, heatmaps)."""
-    store: OrderedDict = st.session_state.setdefault(f"_memo_{name}", OrderedDict())
-    if key in store:
-        store.move_to_end(key)
-        return store[key]
-    value = compute()
-    store[key] = value
-    while len(store) > size:
-        store.popitem(last=False)
-    return value
-
-
-def timings() -> dict:
-    """Wall times of the last generation and trace in this session (read by the benchmark)."""
-    return st.session_state.setdefault("_timings", {})
-
-
-# --------------------------------------------------------------------------- links and small helpers
-def neuron_url(layer: int, neuron: int) -> str:
-    """A relative link to the neuron page (opens in a new tab from tables)."""
-    return f"neuron?layer={int(layer)}&neuron={int(neuron)}"
-
-
-def neuron_query(layer: int, neuron: int) -> dict:
-    return {"layer": str(int(layer)), "neuron": str(int(neuron))}
-
-
-def dark_theme() -> bool:
-    """Whether the browser shows Streamlit's dark theme (light when unknown)."""
-    theme = getattr(st.context, "theme", None)
-    return getattr(theme, "type", None) == "dark"
-
-
-def show_token(tok: str) -> str:
-    """A token made visible: newlines as ↵, tabs as →, empty as ∅."""
-    if tok == "":
-        return "∅"
-    return tok.replace("\n", "↵").replace("\t", "→")
-
-
-def token_label(i: int, tok: str) -> str:
-    return f"{i}: {show_token(tok)!r}"[: 60]
-
-
 @dataclass
 class Resources:
     """What a page needs: config, model and database (each may carry an error)."""
@@ -393,29 +262,3 @@ def resources(load_model: bool = True) -> Resources:
     dbr = get_db(cfg)
     mismatch = db_model_mismatch(model.lm, dbr.db)
     return Resources(cfg, model, dbr, mismatch)
-
-
-# --------------------------------------------------------------------------- widgets that survive page switches
-def widget_key(name: str, default: Any) -> str:
-    """The key of a widget whose value should outlive a page switch.
-
-    Streamlit drops a widget's state when a run does not draw it (another page). The value is
-    kept under ``name`` (plain session state) and the widget uses ``w_<name>``, re-seeded from
-    ``name`` when it comes back. Call :func:`remember` after drawing the widget.
-    """
-    wk = f"w_{name}"
-    if wk not in st.session_state:
-        st.session_state[wk] = st.session_state.get(name, default)
-    return wk
-
-
-def remember(name: str) -> Any:
-    value = st.session_state.get(f"w_{name}")
-    st.session_state[name] = value
-    return value
-
-
-def set_widget(name: str, value: Any) -> None:
-    """Set a :func:`widget_key` widget's value (before it is drawn, or from a callback)."""
-    st.session_state[name] = value
-    st.session_state[f"w_{name}"] = value

@@ -1,161 +1,55 @@
-"""Semantic steering: concept specs, their union, random controls, and the interventions they become.
+"""Steering specs: what to steer, in words, and the deduplicated interventions several specs become.
 
-A :class:`ConceptSpec` says *what* to steer in words ("Bible verses", suppress, top 500).
-Resolving it against a neuron database (``cache.concepts.select``: embed the concept,
-take the top-k (layer, neuron, polarity) descriptions by cosine) gives a
-:class:`Selection`. Several selections combine with :func:`union` into a
-:class:`SteeringUnion`, which holds the deduplicated neurons, the overlap between specs,
-and the :class:`~engine.steering.Intervention` list the engine applies.
+Provides:
 
-Modes (the reference system's defaults, DESIGN.md):
+* :class:`ConceptSpec`: one concept ("Bible verses", suppress, top 500) with its filters and
+  token range; :meth:`ConceptSpec.parse` reads the CLI short form ``"Bible verses:suppress:500"``;
+* :func:`specs_to_json` / :func:`specs_from_json` and :func:`specs_to_url` /
+  :func:`specs_from_url` (the compact ``c1.…`` string of a shared ``?steer=`` link);
+* :class:`Selection`: the neurons one spec picked, and :func:`layer_counts`;
+* :func:`union` → :class:`SteeringUnion`: several selections deduplicated, conflicts and
+  overlap reported, and the :class:`~engine.steering.Intervention` list the engine applies.
+
+Spec modes (:data:`SPEC_MODES`, the reference system's defaults):
 
 * ``suppress``: ``a ← 0`` (Intervention ``mode="replace"``, strength 0); top k = 500.
 * ``strengthen``: ``a ← strength × Q_p[layer, neuron]`` with ``Q_+1`` the neuron's
-  1−1e-7 quantile and ``Q_−1`` its 1e-7 quantile (the database snaps these to its
-  stored max / min); strength 0.75, top k = 50.
+  1−1e-7 quantile and ``Q_−1`` its 1e-7 quantile (:data:`engine.activation_view.STEER_QUANTILE`;
+  the database snaps these to its stored max / min); strength 0.75, top k = 50.
 
 k is at most :data:`MAX_K` = 1,000. The token range is the last user turn by default,
-or the whole prompt, optionally plus every generated token.
+or the whole prompt, optionally plus every generated token (:mod:`engine.steering`).
+Anything malformed raises :class:`~engine.errors.MonitorError` saying what to fix.
 
-Specs serialise to JSON (:func:`specs_to_json`) and to a compact URL-safe string
-(:func:`specs_to_url`) so a link reproduces the steering; the CLI also takes a short form
-``"Bible verses:suppress:500"`` (:meth:`ConceptSpec.parse`). Anything malformed raises
-:class:`~engine.errors.MonitorError` saying what to fix.
-
-Nothing here touches the database or Streamlit: the DB side is ``cache/concepts.py``.
+Resolving a spec against a neuron database (embed the concept, take the top-k
+(layer, neuron, polarity) descriptions by cosine) is :mod:`concepts.resolve`'s job: nothing
+here touches the database or Streamlit.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import json
 import math
 import re
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import MonitorError
-from .steering import Intervention, TokenRange
+from .steering import Intervention, TokenRange, parse_token_range, ranges_may_overlap, token_range_text
 
-MODES = ("suppress", "strengthen")
+SPEC_MODES = ("suppress", "strengthen")
 DEFAULT_K = {"suppress": 500, "strengthen": 50}
 DEFAULT_STRENGTH = {"suppress": 0.0, "strengthen": 0.75}
 MAX_K = 1000
 MAX_CONCEPT_CHARS = 500
-# DESIGN.md: the replacement value is strength × the 1−1e-7 (positive) or 1e-7 (negative) quantile.
-STEER_QUANTILE = {1: 1 - 1e-7, -1: 1e-7}
 URL_PREFIX = "c1."
 
 Neuron = tuple[int, int, int]  # (layer, neuron, polarity ±1)
-
-
-# --------------------------------------------------------------------------- token ranges
-def token_range_text(tr: TokenRange) -> str:
-    """The short text form of a token range: ``last_user``, ``prompt``, ``positions:3-7,9``,
-    each optionally ``+generated``. Inverse of :func:`parse_token_range`."""
-    if tr.kind == "positions":
-        base = "positions:" + _positions_text(tr.positions)
-    else:
-        base = tr.kind
-    return base + ("+generated" if tr.generated else "")
-
-
-def _positions_text(positions: Sequence[int]) -> str:
-    ps = sorted(int(p) for p in positions)
-    out, i = [], 0
-    while i < len(ps):
-        j = i
-        while j + 1 < len(ps) and ps[j + 1] == ps[j] + 1:
-            j += 1
-        out.append(str(ps[i]) if i == j else f"{ps[i]}-{ps[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def parse_token_range(text: str | Mapping | TokenRange | None) -> TokenRange:
-    """A :class:`TokenRange` from its text form, its dict form, or itself (validated).
-
-    Text: ``last_user`` (default), ``prompt``, or ``positions:A-B,C`` (inclusive spans of
-    prompt token indices), each optionally ``+generated``. Two bases at once
-    (``prompt+last_user``), overlapping or reversed spans, and explicit positions on a
-    ``last_user``/``prompt`` range are contradictory and raise.
-    """
-    if text is None:
-        return TokenRange()
-    if isinstance(text, TokenRange):
-        return _check_range(text)
-    if isinstance(text, Mapping):
-        unknown = set(text) - {"kind", "positions", "generated"}
-        if unknown:
-            raise MonitorError(f"Unknown token-range field(s) {', '.join(sorted(unknown))}: use kind, positions, generated.")
-        try:
-            positions = tuple(int(p) for p in text.get("positions", ()) or ())
-        except (TypeError, ValueError) as err:
-            raise MonitorError("Token-range positions must be whole numbers.") from err
-        return _check_range(TokenRange(str(text.get("kind", "last_user")), positions, bool(text.get("generated", False))))
-    if not isinstance(text, str):
-        raise MonitorError(f"A token range must be text like 'last_user' or 'prompt+generated', not {type(text).__name__}.")
-    parts = [p.strip() for p in text.strip().split("+") if p.strip()]
-    generated = "generated" in parts
-    if parts.count("generated") > 1:
-        raise MonitorError(f"Token range {text!r} names 'generated' twice; write it once.")
-    bases = [p for p in parts if p != "generated"]
-    if len(bases) > 1:
-        raise MonitorError(f"Token range {text!r} is contradictory: pick one of last_user, prompt or positions:A-B "
-                           "(optionally +generated).")
-    base = bases[0] if bases else "last_user"
-    if base in ("last_user", "prompt"):
-        return TokenRange(base, (), generated)
-    if base.startswith("positions:"):
-        spans = []
-        for chunk in base[len("positions:"):].split(","):
-            chunk = chunk.strip()
-            m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", chunk)
-            if not m:
-                raise MonitorError(f"Bad token span {chunk!r} in {text!r}: write positions like 3-7,9 "
-                                   "(non-negative token indices, inclusive).")
-            a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-            if b < a:
-                raise MonitorError(f"Token span {chunk!r} is reversed: write the smaller index first ({b}-{a}).")
-            spans.append((a, b))
-        spans.sort()
-        for (a1, b1), (a2, b2) in zip(spans, spans[1:]):
-            if a2 <= b1:
-                raise MonitorError(f"Token spans {a1}-{b1} and {a2}-{b2} in {text!r} overlap: merge them into one span.")
-        positions = tuple(p for a, b in spans for p in range(a, b + 1))
-        return _check_range(TokenRange("positions", positions, generated))
-    raise MonitorError(f"Unknown token range {base!r}: use last_user, prompt or positions:A-B, optionally +generated.")
-
-
-def _check_range(tr: TokenRange) -> TokenRange:
-    if tr.kind not in ("last_user", "prompt", "positions"):
-        raise MonitorError(f"Unknown token range {tr.kind!r}: use last_user, prompt or positions.")
-    if tr.kind != "positions" and tr.positions:
-        raise MonitorError(f"Token range {tr.kind!r} with explicit positions is contradictory: use kind 'positions' "
-                           "for explicit tokens, or drop the positions.")
-    if tr.kind == "positions":
-        if not tr.positions:
-            raise MonitorError("A 'positions' token range needs at least one token index.")
-        if len(set(tr.positions)) != len(tr.positions):
-            raise MonitorError("The token range lists a position twice (overlapping spans): list each token once.")
-        if any(int(p) < 0 for p in tr.positions):
-            raise MonitorError("Token positions in a steering spec must be 0 or more.")
-        return TokenRange("positions", tuple(sorted(int(p) for p in tr.positions)), bool(tr.generated))
-    return TokenRange(tr.kind, (), bool(tr.generated))
-
-
-def ranges_may_overlap(a: TokenRange, b: TokenRange) -> bool:
-    """Whether two ranges can share a token on some chat (only disjoint explicit positions cannot)."""
-    if a.generated and b.generated:
-        return True
-    if a.kind == "positions" and b.kind == "positions":
-        return bool(set(a.positions) & set(b.positions))
-    return True
 
 
 # --------------------------------------------------------------------------- the spec
@@ -191,7 +85,7 @@ class ConceptSpec:
             raise MonitorError(f"The concept is {len(concept)} characters; keep it under {MAX_CONCEPT_CHARS}.")
         set_(self, "concept", concept)
         mode = str(self.mode).strip().lower()
-        if mode not in MODES:
+        if mode not in SPEC_MODES:
             raise MonitorError(f"Unknown steering mode {self.mode!r}: use suppress or strengthen.")
         set_(self, "mode", mode)
         if self.neurons is not None:
@@ -296,7 +190,7 @@ class ConceptSpec:
         if text.startswith("{"):
             return specs_from_json(text)[0]
         parts = text.split(":")
-        mode_at = max((i for i, p in enumerate(parts) if i > 0 and p.strip().lower() in MODES), default=None)
+        mode_at = max((i for i, p in enumerate(parts) if i > 0 and p.strip().lower() in SPEC_MODES), default=None)
         if mode_at is None:
             return cls(text)
         concept = ":".join(parts[:mode_at])
@@ -544,14 +438,6 @@ class SteeringUnion:
         """Every (layer, neuron, polarity) the interventions touch, in intervention order."""
         return [tuple(n) for iv in self.interventions for n in iv.neurons]
 
-    def report(self) -> dict:
-        """A JSON-ready summary for a UI: sizes, per-layer counts, overlap and conflicts."""
-        return {
-            "specs": [{"label": s.spec.label, "selected": len(s), "per_layer": s.per_layer()} for s in self.selections],
-            "union": len(self.neurons), "per_layer": self.per_layer(), "duplicates": self.duplicates,
-            "conflicts": self.conflicts, "overlap": self.overlap,
-        }
-
 
 def union(selections: Sequence[Selection]) -> SteeringUnion:
     """Combine selections into one deduplicated set of interventions.
@@ -623,123 +509,3 @@ def union(selections: Sequence[Selection]) -> SteeringUnion:
             overlap.append({"a": sels[i].spec.label, "b": sels[j].spec.label, "shared": shared,
                             "jaccard": shared / len(a | b) if a | b else 0.0})
     return SteeringUnion(sels, interventions, sorted(kept), duplicates, conflicts, overlap)
-
-
-def check_quantiles(interventions: Sequence[Intervention], quantiles: Mapping[int, np.ndarray] | None) -> None:
-    """Raise unless every non-zero ``replace`` has a finite quantile for its neuron and polarity."""
-    for iv in interventions:
-        if iv.mode != "replace" or iv.strength == 0:
-            continue
-        if quantiles is None:
-            raise MonitorError("Strengthening needs the neurons' activation quantiles: open a neuron database.")
-        for l, n, p in iv.neurons:
-            table = quantiles[int(p)]
-            if not (l < table.shape[0] and n < table.shape[1]) or not np.isfinite(table[l][n]):
-                raise MonitorError(f"Neuron {l}/{n} has no stored activation quantile, so it cannot be strengthened: "
-                                   "rebuild the database or suppress instead.")
-
-
-# --------------------------------------------------------------------------- random controls
-def random_control(interventions: Sequence[Intervention], n_neurons: int, seed: int = 0,
-                   label: str | None = None) -> list[Intervention]:
-    """Random neurons mirroring ``interventions``: same mode, strength, token range and
-    polarities, and the **same number of neurons per layer**, drawn uniformly without
-    replacement from each layer's other neurons (never one the real interventions touch,
-    never twice). ``numpy.random.default_rng(seed)``; same seed, same control.
-    """
-    rng = np.random.default_rng(seed)
-    taken = {(int(l), int(n)) for iv in interventions for l, n, _ in iv.neurons}
-    out = []
-    for iv in interventions:
-        by_layer: dict[int, list[int]] = {}
-        for l, n, p in sorted(iv.neurons):
-            by_layer.setdefault(int(l), []).append(int(p))
-        picked = []
-        for layer, pols in by_layer.items():
-            pool = np.array([n for n in range(n_neurons) if (layer, n) not in taken])
-            if len(pool) < len(pols):
-                raise MonitorError(f"Layer {layer} has too few other neurons for a random control of {len(pols)}.")
-            chosen = np.sort(rng.choice(pool, size=len(pols), replace=False))
-            for n, p in zip(chosen.tolist(), pols):
-                taken.add((layer, n))
-                picked.append((layer, n, p))
-        out.append(replace(iv, neurons=picked, label=label or f"random control (seed {seed})"))
-    return out
-
-
-# --------------------------------------------------------------------------- what steering changes
-@dataclass
-class GenerationDiff:
-    """Unsteered vs steered greedy generations with the differing tokens marked.
-
-    ``base_changed[i]`` / ``steered_changed[i]`` are True for tokens outside the longest
-    matching blocks of the two token-id sequences (difflib), i.e. what steering changed.
-    """
-
-    base: object  # engine.generate.Generation
-    steered: object
-    base_changed: list[bool]
-    steered_changed: list[bool]
-    first_divergence: int | None  # index of the first differing token; None if identical
-
-    def to_dict(self) -> dict:
-        return {
-            "base": {"text": self.base.text, "tokens": self.base.tokens, "changed": self.base_changed},
-            "steered": {"text": self.steered.text, "tokens": self.steered.tokens, "changed": self.steered_changed},
-            "first_divergence": self.first_divergence,
-        }
-
-
-def diff_tokens(a: Sequence[int], b: Sequence[int]) -> tuple[list[bool], list[bool], int | None]:
-    """Per-token "changed" flags for two sequences and the first index where they differ."""
-    a, b = list(a), list(b)
-    ca, cb = [True] * len(a), [True] * len(b)
-    for block in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_matching_blocks():
-        for i in range(block.size):
-            ca[block.a + i] = False
-            cb[block.b + i] = False
-    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    if first is None and len(a) != len(b):
-        first = min(len(a), len(b))
-    return ca, cb, first
-
-
-def compare_generations(lm, chat, interventions: Sequence[Intervention], quantiles=None,
-                        max_new_tokens: int = 32, **kwargs) -> GenerationDiff:
-    """Greedy unsteered and steered generations of ``chat`` side by side, differences marked."""
-    from .generate import generate_pair
-
-    check_quantiles(interventions, quantiles)
-    base, steered = generate_pair(lm, chat, list(interventions), quantiles=quantiles,
-                                  max_new_tokens=max_new_tokens, **kwargs)
-    ca, cb, first = diff_tokens(base.token_ids, steered.token_ids)
-    return GenerationDiff(base, steered, ca, cb, first)
-
-
-def answer_probabilities(lm, chat, candidates: Sequence[str], interventions: Sequence[Intervention],
-                         quantiles=None, prefix: str = "") -> list[dict]:
-    """Each candidate answer's probability before and after steering.
-
-    ``logprob = log p(candidate | chat, prefix)`` summed over its tokens
-    (:func:`engine.generate.sequence_logprob`); ``share`` is the probability among the
-    candidates, ``exp(logprob_i) / Σ_j exp(logprob_j)``. Steering covers the appended
-    tokens only when a token range says ``+generated``.
-    """
-    from .generate import sequence_logprob
-
-    cands = [str(c) for c in candidates]
-    if not cands or any(not c.strip() for c in cands):
-        raise MonitorError("Give at least one non-empty answer candidate.")
-    check_quantiles(interventions, quantiles)
-    before = np.array([sequence_logprob(lm, chat, c, prefix=prefix) for c in cands])
-    after = np.array([sequence_logprob(lm, chat, c, list(interventions), quantiles, prefix=prefix) for c in cands])
-
-    def share(lp):
-        e = np.exp(lp - lp.max())
-        return e / e.sum()
-
-    sb, sa = share(before), share(after)
-    return [{"candidate": c, "logprob_before": float(b), "logprob_after": float(a), "prob_before": float(np.exp(b)),
-             "prob_after": float(np.exp(a)), "share_before": float(x), "share_after": float(y),
-             "delta_logprob": float(a - b)}
-            for c, b, a, x, y in zip(cands, before, after, sb, sa)]
