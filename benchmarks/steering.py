@@ -11,9 +11,12 @@
   "Bible verses:suppress:500" and "dates:suppress:500" resolved in the database
   (``--db``, default ``data/<model>.duckdb``); without a database, 1,000 random neurons
   spread over every layer (``"neurons_source": "random"``).
-* ``experiment`` (only with ``--experiment``, slow): the wall time of
-  ``python -m engine experiment decimals --n 200`` with those 2 specs and 3 controls,
-  run in-process (target ≤ 600 s), and its forced-choice accuracies.
+* ``experiment`` (only with ``--experiment``, slow): the wall time of the default replication
+  suite, ``python -m engine experiment replicate`` run in-process (4 formats × 3 sets + the
+  held-out cell, 2 concepts with 20 matched controls each, a concept control, the union, the
+  scorer check; target ≤ 900 s), with scorings per second, the bare forward's tokens per second
+  on the same kind of prompts (the baseline: the speed with no scoring or steering overhead) and
+  the pooled results.
 
 Timings on a shared machine are noisy; the ratio compares runs interleaved in one process
 (order alternating), and ``ops_ratio_*`` adds the steering ops timed in isolation to the
@@ -107,25 +110,58 @@ def hook_ops_cost(lm, interventions, tokens: int, repeats: int = 200) -> dict:
     return {"prompt_s": prompt_s, "per_step_s": step_s, "per_generation_s": prompt_s + (tokens - 1) * step_s}
 
 
-def run_experiment_timing(lm, db_path: str | None, n: int, controls: int, seed: int) -> dict:
+def bare_tokens_per_s(lm, items, stem: str, batch: int = 64) -> float:
+    """Tokens per second of an unhooked forward over the items' prompts, stem and correct answer,
+    batched like the scorer (same-length groups): the speed the suite would have with no overhead."""
+    from engine.chat import render_chat
+
+    seqs = [render_chat(lm.tokenizer, it.chat()).input_ids.tolist()
+            + lm.tokenizer(stem + it.correct, add_special_tokens=False)["input_ids"] for it in items]
+    groups: dict[int, list] = {}
+    for s_ in seqs:
+        groups.setdefault(len(s_), []).append(s_)
+    tokens, t0 = 0, time.perf_counter()
+    with torch.inference_mode():
+        for group in groups.values():
+            for i in range(0, len(group), batch):
+                ids = torch.tensor(group[i:i + batch], device=lm.device)
+                lm.model(input_ids=ids, logits_to_keep=1)
+                tokens += ids.numel()
+    return tokens / (time.perf_counter() - t0)
+
+
+def run_suite_timing(lm, db_path: str | None, pairs: int, controls: int, seed: int) -> dict:
+    """Wall time of the default replication suite (``python -m engine experiment replicate``)."""
     from cache.db import open_database
-    from concepts.resolve import select_all
-    from engine.experiments import analyze, build_conditions, run_experiment
-    from engine.prompt_sets import decimal_items, sample_items
+    from concepts.cli import DEFAULT_CONCEPT_CONTROLS, DEFAULT_CONCEPTS
+    from concepts.resolve import activation_view, resolve
+    from engine.prompt_sets import FORMATS, decimal_pairs, format_items, sample_pairs
+    from engine.replication import Suite, effect_rows, run_suite
 
     t0 = time.perf_counter()
     db = open_database(db_path, model=lm.name) if db_path else open_database(model=lm.name)
-    selections = select_all(db, [ConceptSpec.parse(s) for s in SPECS])
-    conditions = build_conditions(selections, lm.n_neurons, controls, seed)
-    items = sample_items(decimal_items(), n, seed)
-    result = run_experiment(lm, items, conditions, config={"model": lm.name, "db": str(db.path), "seed": seed})
-    summary = analyze(result, seed=seed)
+    specs = [ConceptSpec.parse(s) for s in DEFAULT_CONCEPTS]
+    ctrl = [ConceptSpec.parse(s) for s in DEFAULT_CONCEPT_CONTROLS]
+    resolved = resolve(db, specs + ctrl)
+    suite = Suite(pairs=pairs, controls=controls, seed=seed)
+    report = run_suite(lm, resolved.selections[: len(specs)], suite, resolved.selections[len(specs):],
+                       resolved.quantiles, activation_view(db), {"model": lm.name, "db": str(db.path)})
     wall = time.perf_counter() - t0
+    scorings = sum(c["summary"]["n"] for c in report["cells"]) * report["conditions_per_cell"]
+    sample = format_items(sample_pairs(decimal_pairs("shorter"), 32, seed), "chat")
+    bare = bare_tokens_per_s(lm, sample, FORMATS["chat"].stem)
+    tokens_per_item = sum(len(lm.tokenizer(it.prompt)["input_ids"]) for it in sample) / len(sample)
     return {
-        "wall_s": wall, "target_s": 600, "n": n, "conditions": len(conditions), "db": str(db.path),
-        "per_condition_s": {r["name"]: round(r["seconds"], 1) for r in summary["conditions"]},
-        "forced_choice_acc": {r["name"]: r["forced_choice"]["acc"] for r in summary["conditions"]},
-        "greedy_acc": {r["name"]: r["greedy"]["acc"] for r in summary["conditions"] if "greedy" in r},
+        "wall_s": round(wall, 1), "target_s": 900, "cells": len(report["cells"]),
+        "pairs_total": sum(c["pairs"] for c in report["cells"]), "conditions_per_cell": report["conditions_per_cell"],
+        "controls_per_concept": controls, "scorings": scorings, "scorings_per_s": round(scorings / wall, 2),
+        "bare_forward_tokens_per_s": round(bare, 1),
+        "seconds_per_scoring": round(wall / scorings, 4),
+        "copy_check": report.get("copy_check"),
+        "pooled": {r["condition"]: {"diff": round(r["diff"], 4), "call": r["call"],
+                                    "percentile": r["percentile"]} for r in effect_rows(report) if r["cell"] == "pooled"},
+        "baseline_acc": next(r for r in report["pooled"]["conditions"] if r["kind"] == "baseline")["complete"]["acc"],
+        "user_tokens_per_item": round(tokens_per_item, 1),
     }
 
 
@@ -136,9 +172,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--experiment", action="store_true", help="also time the decimals experiment (slow: minutes)")
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--controls", type=int, default=3)
+    p.add_argument("--experiment", action="store_true", help="also time the default replication suite (slow: minutes)")
+    p.add_argument("--pairs", type=int, default=None, help="pairs per cell (default: the suite's)")
+    p.add_argument("--controls", type=int, default=None, help="random controls per concept (default: the suite's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -174,8 +210,10 @@ def main(argv=None) -> int:
         out["generation"][f"ops_{name}"] = cost
         out["generation"][f"ops_ratio_{name}"] = (base + cost["per_generation_s"]) / base
     if args.experiment:
-        out["experiment"] = run_experiment_timing(lm, None if source == "random" else source, args.n, args.controls,
-                                                  args.seed)
+        from engine.replication import Suite
+
+        out["experiment"] = run_suite_timing(lm, None if source == "random" else source, args.pairs or Suite.pairs,
+                                             Suite.controls if args.controls is None else args.controls, args.seed)
     if args.json:
         print(json.dumps(out))
     else:

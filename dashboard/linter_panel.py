@@ -199,4 +199,4 @@ def _panel(ctx: ChatContext) -> None:
               help="Adds a spec that suppresses exactly this cluster's neurons on the last user turn.")
 
 
-register_panel("Concept linter", _panel, lazy=True)  # clustering costs: only while open
+register_panel("Concept linter", _panel, lazy=True, order=10)  # clustering costs: only while open

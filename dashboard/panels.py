@@ -38,16 +38,18 @@ class Panel:
     render: Callable[[ChatContext], None]
     expanded: bool = False
     lazy: bool = False  # render only while the expander is open
+    order: int = 100  # drawn by ascending order, whatever order the modules were imported in
 
 
 CHAT_PANELS: list[Panel] = []
 
 
 def register_panel(title: str, render: Callable[[ChatContext], None], expanded: bool = False,
-                   lazy: bool = False) -> None:
-    """Add a panel to the chat page (idempotent per title)."""
+                   lazy: bool = False, order: int = 100) -> None:
+    """Add a panel to the chat page (idempotent per title); panels are kept sorted by ``order``."""
     CHAT_PANELS[:] = [p for p in CHAT_PANELS if p.title != title]
-    CHAT_PANELS.append(Panel(title, render, expanded, lazy))
+    CHAT_PANELS.append(Panel(title, render, expanded, lazy, order))
+    CHAT_PANELS.sort(key=lambda p: p.order)
 
 
 def panel_key(panel: Panel) -> str:

@@ -403,7 +403,7 @@ def probability_chart(rows: list[dict], field: str = "prob") -> alt.Chart:
         for when, suffix in (("before (unsteered)", "before"), ("after (steered)", "after")):
             data.append({"candidate": r["candidate"], "when": when, "value": r[f"{field}_{suffix}"],
                          "logprob": r[f"logprob_{suffix}"], "share": r[f"share_{suffix}"], "prob": r[f"prob_{suffix}"]})
-    title = "p(candidate | prompt, stem)" if field == "prob" else "share among the candidates"
+    title = "p(exactly this answer | prompt, stem)" if field == "prob" else "share among the candidates"
     order = ["before (unsteered)", "after (steered)"]
     return alt.Chart(pd.DataFrame(data)).mark_bar().encode(
         x=alt.X("candidate:N", title="answer candidate", sort=[r["candidate"] for r in rows],
@@ -430,7 +430,8 @@ def _draw_effect(res, chat: list[dict]) -> None:
         return
     c1, c2, c3 = st.columns([2, 2, 1.2])
     c1.text_input("Answer candidates (comma-separated)", key=widgets.widget_key("steer_cands", DEFAULT_CANDIDATES),
-                  help="Their sequence probabilities are compared before and after steering.")
+                  help="The probability that the reply's answer is exactly each candidate (its tokens, then a token "
+                       "that ends it), before and after steering.")
     widgets.remember("steer_cands")
     c2.text_input("Answer stem", key=widgets.widget_key("steer_stem", DEFAULT_STEM),
                   help="Text the reply starts with before the candidate, e.g. “The bigger number is ”. May be empty.")
@@ -488,7 +489,7 @@ def _draw_effect(res, chat: list[dict]) -> None:
         st.caption(f"They diverge at generated token {diff.first_divergence}; differing tokens are highlighted.")
     rows = effect["probs"]
     field = st.radio("Probability shown", ["prob", "share"], horizontal=True,
-                     format_func={"prob": "sequence probability", "share": "share among the candidates"}.get,
+                     format_func={"prob": "complete-answer probability", "share": "share among the candidates"}.get,
                      key=widgets.widget_key("steer_prob_field", "prob"))
     widgets.remember("steer_prob_field")
     pc, tc = st.columns(2, gap="medium")
@@ -500,8 +501,10 @@ def _draw_effect(res, chat: list[dict]) -> None:
                      hide_index=True, key="steer_prob_table",
                      column_config={c: st.column_config.NumberColumn(c, format="%.4f")
                                     for c in ("p before", "p after", "share before", "share after", "Δ log p")})
-        if stem:
-            st.caption(f"p(candidate | prompt, reply stem “{stem}”), summed over the candidate's tokens.")
+        after = f"prompt, reply stem “{stem}”" if stem else "prompt"
+        st.caption(f"p(the answer is exactly the candidate | {after}): its tokens, then a token "
+                   "that ends it, so a longer answer is not penalised for its length and a prefix ('9.2' of "
+                   "'9.25') does not collect its continuations.")
 
 
 # --------------------------------------------------------------------------- the whole UI
@@ -535,4 +538,4 @@ def _panel(ctx: ChatContext) -> None:
     render(ctx.res, ctx.chat)
 
 
-register_panel("Semantic steering", _panel, lazy=True)
+register_panel("Semantic steering", _panel, lazy=True, order=20)

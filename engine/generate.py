@@ -191,17 +191,20 @@ def answer_probabilities(lm, chat, candidates: Sequence[str], interventions: Seq
                          quantiles=None, prefix: str = "") -> list[dict]:
     """Each candidate answer's probability before and after steering.
 
-    ``logprob = log p(candidate | chat, prefix)`` summed over its tokens
-    (:func:`engine.generate.sequence_logprob`); ``share`` is the probability among the
-    candidates, ``exp(logprob_i) / Σ_j exp(logprob_j)``. Steering covers the appended
-    tokens only when a token range says ``+generated``.
+    ``logprob`` is the complete-answer log-probability ``L(c)`` of :mod:`engine.scoring` (the
+    candidate's tokens after the chat and ``prefix``, then a token that ends the answer), the same
+    score the experiments use: length-neutral, and a prefix does not collect its continuations.
+    ``share`` is the probability among the candidates, ``exp(L_i) / Σ_j exp(L_j)``. Steering
+    covers the stem and the candidates only when a token range says ``+generated``.
     """
+    from .scoring import answer_logprobs
+
     cands = [str(c) for c in candidates]
     if not cands or any(not c.strip() for c in cands):
         raise MonitorError("Give at least one non-empty answer candidate.")
     check_quantiles(interventions, quantiles)
-    before = np.array([sequence_logprob(lm, chat, c, prefix=prefix) for c in cands])
-    after = np.array([sequence_logprob(lm, chat, c, list(interventions), quantiles, prefix=prefix) for c in cands])
+    before = answer_logprobs(lm, chat, cands, prefix=prefix)
+    after = answer_logprobs(lm, chat, cands, list(interventions), quantiles, prefix=prefix)
 
     def share(lp):
         e = np.exp(lp - lp.max())

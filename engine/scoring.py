@@ -1,25 +1,45 @@
-"""Batched scoring of forced-choice items under steering: forced choice and greedy replies.
+"""Scoring answers under steering: complete-answer forced choice, the first differing token, greedy replies.
 
 Provides:
 
 * :func:`prepare` → :class:`Prepared`: items rendered and tokenised once, grouped by length;
-* :func:`score` → :class:`Scores`: per item, whether the correct answer wins the forced
-  choice, the log-probability margin, and the greedy reply with its verdict (:func:`judge`).
+* :func:`score` → :class:`Scores`: for every item and candidate answer, three log-probabilities
+  (below), and the greedy reply with its verdict (:func:`judge`);
+* :func:`answer_logprobs`: the same complete-answer scores for any number of candidates of one
+  chat (the steering page's answer table uses it);
+* :func:`boundary_masks`: which vocabulary tokens end an answer.
 
-Scores per prompt, after an assistant reply stem (``prefix``, "The bigger number is "):
+**Definitions.** After the prompt ``x`` and the reply stem ``s`` ("The bigger number is "), a
+candidate ``c`` is tokenised together with the stem (as the model would see it) into
+``c_1 … c_m``. With ``p`` the model's next-token distribution:
 
-* **forced choice**: correct iff ``log p(correct | prompt, prefix) > log p(wrong | …)``,
-  each the sum of its tokens' log-probabilities;
-* **greedy**: greedy decoding (at most ``max_new_tokens``) from the same stem; correct iff
-  the first number in the reply equals the correct answer (or, for non-numeric answers,
-  the correct text appears before the wrong one).
+* **complete answer** (the default forced choice; length-neutral)::
 
-Speed: prompts are grouped by rendered length (same length and last-user span ⇒ the
-same position mask, so one compiled intervention set and no padding). The tokens every
-prompt shares (system prompt, template, "Which is bigger: ") run once per group into a
-KV cache; per batch one forward over the rest of prompt + stem extends a copy of it and
-serves both scores: the candidates' tokens run on a copy repeated ×2, greedy decoding
-continues on the original. Measured: ``python -m benchmarks.steering --experiment``.
+      L(c) = Σ_i log p(c_i | x, s, c_<i)  +  log Σ_{t ∈ B(c)} p(t | x, s, c)
+
+  where ``B(c)``, the *boundary*, is every token that ends the answer instead of extending it:
+  for a number, every token whose text does not start with a digit 0–9 (nor with ``.`` when the
+  number has no decimal point yet); for text, every token whose text does not start with a
+  letter or digit (special tokens such as the end of turn count as boundaries). ``L(c)`` is the
+  log-probability that the answer the model writes is exactly ``c``: a candidate is not charged
+  for having more tokens, and a prefix ("9.2" against "9.25") does not collect the probability
+  of its continuations, so both directions of a prefix pair are scored correctly.
+* **first differing token**: at the first position ``j`` where the two candidates' tokens differ,
+  ``F(c) = log p(c_j | …)``, or ``log Σ_{t∈B(c)} p(t | …)`` when ``c`` has already ended
+  there. This is what a one-token probe reads; it ignores everything after ``j``.
+* **token sum** (kept only to show the old bias): ``Σ_i log p(c_i | …)`` with no boundary. It
+  charges every extra token and credits a prefix with its continuations.
+
+Forced choice is correct when the correct candidate's score is higher; a tie (``|Δ| ≤``
+:data:`TIE_EPS` nats) counts ½. **Greedy**: the reply decoded greedily after the stem; correct
+when its first number equals the correct answer (text answers: the correct text comes first).
+
+**Speed.** Items are grouped by rendered length and last-user span (one compiled intervention
+set, no padding in the prompt). The tokens every prompt shares (system prompt, template, the
+question's first words) run once per group into a KV cache; per batch one forward over the rest
+of prompt + stem extends a copy of it; the candidates (all ``k`` per item, right-padded:
+causal attention keeps padding from touching real tokens) run on a copy repeated ×k, and
+greedy decoding continues on the original. Measured: ``python -m benchmarks.steering --experiment``.
 """
 
 from __future__ import annotations
@@ -35,9 +55,16 @@ import numpy as np
 from .errors import MonitorError
 from .prompt_sets import DECIMALS_PREFIX, Item
 
-DEFAULT_MAX_NEW_TOKENS = 8
-DEFAULT_BATCH = 32
+DEFAULT_MAX_NEW_TOKENS = 12
+DEFAULT_BATCH = 64
+TIE_EPS = 1e-4  # nats: |L(correct) − L(wrong)| at or below this is a tie (½ correct)
+METRICS = ("complete", "first_diff", "token_sum")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_DIGIT = re.compile(r"[0-9]")
+
+
+def is_number(text: str) -> bool:
+    return bool(re.fullmatch(r"-?\d+(?:\.\d+)?", str(text).strip()))
 
 
 def judge(reply: str, correct: str, wrong: str) -> str:
@@ -46,17 +73,12 @@ def judge(reply: str, correct: str, wrong: str) -> str:
     Numeric answers: the first number in the reply decides (compared as numbers).
     Otherwise: whichever answer text occurs first (case-insensitive).
     """
-    try:
-        c, w = float(correct), float(wrong)
-        numeric = True
-    except ValueError:
-        numeric = False
-    if numeric:
+    if is_number(correct) and is_number(wrong):
         m = _NUMBER.search(reply)
         if not m:
             return "other"
         v = float(m.group(0))
-        return "correct" if v == c else "wrong" if v == w else "other"
+        return "correct" if v == float(correct) else "wrong" if v == float(wrong) else "other"
     low = reply.lower()
     ic, iw = low.find(correct.lower()), low.find(wrong.lower())
     if ic < 0 and iw < 0:
@@ -66,13 +88,67 @@ def judge(reply: str, correct: str, wrong: str) -> str:
     return "wrong"
 
 
+# --------------------------------------------------------------------------- boundaries
+@dataclass
+class BoundaryMasks:
+    """[vocab] bool masks of tokens that END an answer of each kind (see the module docstring)."""
+
+    number_with_point: "object"  # torch.BoolTensor [V]
+    number_without_point: "object"
+    text: "object"
+
+    def for_candidate(self, text: str):
+        if is_number(text):
+            return self.number_with_point if "." in text else self.number_without_point
+        return self.text
+
+
+_MASKS: dict[int, BoundaryMasks] = {}
+
+
+def boundary_masks(lm) -> BoundaryMasks:
+    """The boundary masks of ``lm``'s vocabulary (decoded once per tokenizer, then cached)."""
+    import torch
+
+    key = id(lm.tokenizer)
+    if key not in _MASKS:
+        tok = lm.tokenizer
+        vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+        texts = [tok.decode([i]) if i < len(tok) else "" for i in range(vocab)]
+        digit = torch.tensor([bool(_DIGIT.match(t)) for t in texts])
+        dot = torch.tensor([t.startswith(".") for t in texts])
+        alnum = torch.tensor([bool(t[:1]) and t[:1].isalnum() for t in texts])
+        dev = lm.device
+        _MASKS[key] = BoundaryMasks((~digit).to(dev), (~digit & ~dot).to(dev), (~alnum).to(dev))
+    return _MASKS[key]
+
+
+def answer_terms(logits, tokens: Sequence[int], boundary):
+    """The terms of ``L(c)`` as a tensor ``[m + 1]``: ``log p(c_1), …, log p(c_m)`` and
+    ``log Σ_{t ∈ B(c)} p(t | …, c)``.
+
+    ``logits`` ``[m + 1, V]``: row ``i`` is the prediction after the stem and ``c_1 … c_i`` (row 0:
+    after the stem, row ``m``: after the whole candidate); ``boundary`` ``[V]`` bool is ``B(c)``
+    (:func:`boundary_masks`). Differentiable: the scorer and answer-level attribution both use it.
+    """
+    import torch
+
+    lse = torch.logsumexp(logits, dim=-1)  # [m + 1]
+    m = len(tokens)
+    idx = torch.tensor(list(tokens), device=logits.device)
+    tok = logits[torch.arange(m, device=logits.device), idx] - lse[:m]
+    bound = torch.logsumexp(logits[m][boundary], dim=0) - lse[m]
+    return torch.cat([tok, bound[None]])
+
+
+# --------------------------------------------------------------------------- preparing
 @dataclass
 class _Row:
     index: int
-    ids: list[int]  # prompt + shared prefix
-    prompt_len: int
-    span: tuple[int, int]
-    cands: tuple[list[int], list[int]]  # correct, wrong: tokens after the shared prefix
+    ids: list[int]  # prompt + the stem tokens shared with every candidate
+    span: tuple[int, int]  # the steered "last user" span
+    cands: list[list[int]]  # each candidate's tokens after the shared stem (correct first)
+    texts: list[str]  # the candidates' texts
     numeric: bool
 
 
@@ -83,18 +159,24 @@ class Prepared:
     items: list[Item]
     rows: list[_Row]
     groups: dict[tuple, list[int]]  # key -> row indices
-    tail: list[int]  # prefix tokens not shared with the candidates (usually empty)
+    tail: list[int]  # stem tokens not shared with the candidates (fed before greedy decoding)
     rendered: dict[tuple, object]  # key -> a RenderedChat of that group (for compiling interventions)
     prefix: str
     common: int = 0  # leading tokens every row shares (system prompt, template): computed once per group
 
+    @property
+    def n_candidates(self) -> int:
+        return len(self.rows[0].cands)
 
-def prepare(lm, items: Sequence[Item], prefix: str = DECIMALS_PREFIX) -> Prepared:
-    """Render every item's chat and tokenise its candidates after ``prefix``.
 
-    Each candidate is tokenised together with the prefix (as the model would see it);
-    the longest prefix of the stem's tokens that every candidate shares is computed once
-    and run with the prompt, the rest belongs to the candidates.
+def prepare(lm, items: Sequence[Item], prefix: str = DECIMALS_PREFIX,
+            candidates: Sequence[Sequence[str]] | None = None) -> Prepared:
+    """Render every item's chat and tokenise its candidates after the stem ``prefix``.
+
+    Candidates are ``(correct, wrong)`` per item, or ``candidates[i]`` when given (any number,
+    the same for every item). Each is tokenised together with the stem; the longest prefix of
+    the stem's tokens that every candidate shares runs with the prompt, the rest belongs to
+    the candidates.
     """
     from .chat import render_chat
 
@@ -102,30 +184,37 @@ def prepare(lm, items: Sequence[Item], prefix: str = DECIMALS_PREFIX) -> Prepare
     if not items:
         raise MonitorError("No prompts to score.")
     pre = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    texts = [list(candidates[i]) if candidates is not None else [it.correct, it.wrong] for i, it in enumerate(items)]
+    if len({len(t) for t in texts}) != 1 or len(texts[0]) < 1:
+        raise MonitorError("Every item needs the same number (at least one) of answer candidates.")
     fulls = []
-    for it in items:
-        pair = []
-        for cand in (it.correct, it.wrong):
+    for cands in texts:
+        toks = []
+        for cand in cands:
+            if not str(cand).strip():
+                raise MonitorError("An answer candidate is empty: give non-empty answers.")
             ids = tok(prefix + cand, add_special_tokens=False)["input_ids"]
-            if len(ids) == 0:
-                raise MonitorError(f"The answer {cand!r} tokenises to nothing.")
-            pair.append(ids)
-        fulls.append(pair)
+            if len(ids) <= len(pre) and ids[: len(ids)] == pre[: len(ids)]:
+                raise MonitorError(f"The answer {cand!r} tokenises to nothing after the stem {prefix!r}.")
+            toks.append(ids)
+        fulls.append(toks)
     shared = len(pre)
-    for pair in fulls:
-        for ids in pair:
+    for toks in fulls:
+        for ids in toks:
             j = 0
             while j < min(shared, len(ids) - 1) and ids[j] == pre[j]:
                 j += 1
             shared = j
     rows, groups, rendered = [], {}, {}
-    for i, (it, pair) in enumerate(zip(items, fulls)):
-        r = render_chat(tok, [{"role": "user", "content": it.prompt}], add_generation_prompt=True,
-                        max_tokens=lm.max_context)
-        span = r.last_turn("user")
+    for i, (it, toks, cands) in enumerate(zip(items, fulls, texts)):
+        r = render_chat(tok, it.chat(), add_generation_prompt=True, max_tokens=lm.max_context)
+        span = r.last_turn("user") if r.messages else (0, len(r))
         ids = r.input_ids.tolist() + pre[:shared]
+        if len(ids) + max(len(t) - shared for t in toks) + 1 > lm.max_context:
+            raise MonitorError(f"Prompt {i} with its stem and answers is longer than the model's context "
+                               f"({lm.max_context} tokens); shorten it.")
         key = (len(r), span)
-        rows.append(_Row(i, ids, len(r), span, (pair[0][shared:], pair[1][shared:]), _is_numeric(it)))
+        rows.append(_Row(i, ids, span, [t[shared:] for t in toks], list(cands), all(is_number(c) for c in cands)))
         groups.setdefault(key, []).append(i)
         rendered.setdefault(key, r)
     first = rows[0].ids
@@ -138,94 +227,108 @@ def prepare(lm, items: Sequence[Item], prefix: str = DECIMALS_PREFIX) -> Prepare
     return Prepared(list(items), rows, groups, pre[shared:], rendered, prefix, common)
 
 
-def _is_numeric(it: Item) -> bool:
-    try:
-        float(it.correct), float(it.wrong)
-        return True
-    except ValueError:
-        return False
-
-
+# --------------------------------------------------------------------------- scores
 @dataclass
 class Scores:
-    """Per-item results of one condition."""
+    """Per-item results of one condition (candidate 0 is the correct answer, 1 the wrong one)."""
 
-    fc_correct: np.ndarray  # bool [n]
-    margin: np.ndarray  # float [n]: log p(correct) − log p(wrong)
+    complete: np.ndarray  # [n, k] L(c): log p(the answer is exactly c)
+    first_diff: np.ndarray  # [n, k] F(c): log p at the first differing token (k = 2 only; else NaN)
+    token_sum: np.ndarray  # [n, k] Σ token log-probs, no boundary (length-biased; for comparison)
     greedy: list[str]  # replies ("" when greedy is off)
-    greedy_verdict: list[str]  # correct / wrong / other
+    greedy_verdict: list[str]  # correct / wrong / other ("other" when greedy is off)
     seconds: float
+
+    def margin_of(self, metric: str = "complete") -> np.ndarray:
+        """[n] score(correct) − score(wrong) under ``metric`` (one of :data:`METRICS`)."""
+        s = getattr(self, metric)
+        return s[:, 0] - s[:, 1]
+
+    @property
+    def margin(self) -> np.ndarray:
+        return self.margin_of("complete")
+
+    def correct_of(self, metric: str = "complete") -> np.ndarray:
+        """[n] 1 correct, 0 wrong, ½ tie (|margin| ≤ TIE_EPS) under ``metric``."""
+        m = self.margin_of(metric)
+        return np.where(np.abs(m) <= TIE_EPS, 0.5, (m > 0).astype(np.float64))
+
+    @property
+    def fc_correct(self) -> np.ndarray:
+        return self.correct_of("complete")
 
     @property
     def greedy_correct(self) -> np.ndarray:
-        return np.array([v == "correct" for v in self.greedy_verdict], bool)
+        return np.array([v == "correct" for v in self.greedy_verdict], np.float64)
+
+    @property
+    def greedy_valid(self) -> np.ndarray:
+        return np.array([v != "other" for v in self.greedy_verdict], bool)
+
+
+@dataclass
+class _BatchScores:
+    """What one batch of :func:`score` computed, for rows ``index``."""
+
+    index: list[int]
+    complete: np.ndarray  # [B, k]
+    first_diff: np.ndarray  # [B, k]
+    token_sum: np.ndarray  # [B, k]
+    replies: list[str]
+    verdicts: list[str]
 
 
 def score(lm, prep: Prepared, interventions=None, quantiles=None, greedy: bool = True,
           max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH,
           progress: Callable[[int], None] | None = None) -> Scores:
-    """Forced-choice and greedy scores of every prepared item under ``interventions``.
+    """Every prepared item's candidate scores (module docstring) and greedy reply under ``interventions``.
 
-    Per group (same rendered length and last-user span) the tokens every prompt shares
-    (system prompt, template, the question's first words) run once into a KV cache. Per
-    batch of up to ``batch_size`` prompts of the group:
-
-    1. one forward over the rest of prompt + stem on a copy of that cache (repeated to the
-       batch); its last logits give each
-       candidate's first token log-probability and the first greedy token;
-    2. the cache, copied and repeated ×2, runs both candidates' remaining tokens (right
-       padded; causal attention keeps padding from touching real tokens);
-    3. greedy decoding continues on the original cache until every reply holds a whole
-       number (numeric answers), an end-of-sequence token, or ``max_new_tokens``.
-
-    Interventions see absolute positions (``NeuronHooks.offset``), so prompt ranges steer
-    the prompt and ``+generated`` ranges the stem, candidates and reply, exactly as
+    Interventions see absolute positions (``NeuronHooks.offset``), so prompt ranges steer the
+    prompt and ``+generated`` ranges the stem, the candidates and the reply, exactly as
     :func:`engine.generate.sequence_logprob` and :func:`engine.generate.generate` do.
     """
     import torch
     from transformers import DynamicCache
 
-    from .generate import eos_ids
     from .hooks import NeuronHooks
     from .steering import compile_interventions
 
     t0 = time.perf_counter()
-    n = len(prep.rows)
-    margin = np.zeros(n)
-    fc = np.zeros(n, bool)
-    replies = [""] * n
-    verdicts = ["other"] * n
-    stop = eos_ids(lm)
-    device = lm.device
+    n, k = len(prep.rows), prep.n_candidates
+    out = {name: np.full((n, k), np.nan) for name in METRICS}
+    replies, verdicts = [""] * n, ["other"] * n
     common = prep.common
     for key, members in prep.groups.items():
         compiled = compile_interventions(interventions or [], prep.rendered[key], lm.n_layers, lm.n_neurons,
-                                         quantiles, device=device, dtype=lm.dtype)
+                                         quantiles, device=lm.device, dtype=lm.dtype)
         with lm.lock, torch.inference_mode(), NeuronHooks(lm, interventions=compiled) as hooks:
             head = None
             if common:
                 # The shared head (system prompt, template, start of the question) once per group.
                 head = DynamicCache()
                 hooks.offset = 0
-                head_ids = torch.tensor([prep.rows[members[0]].ids[:common]], dtype=torch.long, device=device)
+                head_ids = torch.tensor([prep.rows[members[0]].ids[:common]], dtype=torch.long, device=lm.device)
                 lm.model(input_ids=head_ids, cache=head, use_cache=True, logits_to_keep=1)
             for start in range(0, len(members), batch_size):
                 batch = [prep.rows[i] for i in members[start:start + batch_size]]
-                _score_batch(lm, hooks, head, common, batch, prep, greedy, max_new_tokens, stop,
-                             margin, fc, replies, verdicts)
+                res = _score_batch(lm, hooks, head, common, batch, prep, greedy, max_new_tokens)
+                for name in METRICS:
+                    out[name][res.index] = getattr(res, name)
+                for i, reply, verdict in zip(res.index, res.replies, res.verdicts):
+                    replies[i], verdicts[i] = reply, verdict
                 if progress is not None:
                     progress(len(batch))
-    return Scores(fc, margin, replies, verdicts, time.perf_counter() - t0)
+    return Scores(out["complete"], out["first_diff"], out["token_sum"], replies, verdicts, time.perf_counter() - t0)
 
 
-
-def _score_batch(lm, hooks, head, common, batch, prep, greedy, max_new_tokens, stop, margin, fc, replies, verdicts):
-    """One batch of :func:`score` (same rendered length): fills margin, fc, replies, verdicts in place."""
+def _score_batch(lm, hooks, head, common: int, batch: list[_Row], prep: Prepared, greedy: bool,
+                 max_new_tokens: int) -> _BatchScores:
+    """One batch of :func:`score` (rows of one group: the same rendered length)."""
     import torch
     from transformers import DynamicCache
 
-    device, tok, tail = lm.device, lm.tokenizer, prep.tail
-    B = len(batch)
+    device = lm.device
+    B, k = len(batch), prep.n_candidates
     ids = torch.tensor([r.ids for r in batch], dtype=torch.long, device=device)  # [B, T0]
     T0 = ids.shape[1]
     if head is not None:
@@ -235,31 +338,49 @@ def _score_batch(lm, hooks, head, common, batch, prep, greedy, max_new_tokens, s
         cache = DynamicCache()
     hooks.offset = common
     last = lm.model(input_ids=ids[:, common:], cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    logp0 = torch.log_softmax(last.float(), dim=-1)  # [B, V]
-    cands = [c for r in batch for c in r.cands]  # [2B] token lists: correct, wrong per row
-    lp = torch.stack([logp0[i // 2, c[0]] for i, c in enumerate(cands)])  # [2B]
+    cands = [c for r in batch for c in r.cands]  # [B·k] token lists, candidate-major within a row
     longest = max(len(c) for c in cands)
-    if longest > 1:
-        cc = copy.deepcopy(cache) if greedy and max_new_tokens > 0 else cache
-        cc.batch_repeat_interleave(2)
-        # Feed c[:-1], right-padded by repeating the last real token (causal: padding never
-        # reaches a real position).
-        inp = torch.tensor([(c[:-1] + [c[-1]] * longest)[: longest - 1] for c in cands], dtype=torch.long,
-                           device=device)  # [2B, M-1]
-        hooks.offset = T0
-        logp = torch.log_softmax(lm.model(input_ids=inp, cache=cc, use_cache=True).logits.float(), dim=-1)
-        for i, c in enumerate(cands):
-            if len(c) > 1:
-                tgt = torch.tensor(c[1:], device=device)
-                lp[i] = lp[i] + logp[i, torch.arange(len(c) - 1, device=device), tgt].sum()
-        del cc, logp
-    lp = lp.view(B, 2).double().cpu().numpy()
-    for r, (a, b) in zip(batch, lp):
-        margin[r.index] = a - b
-        fc[r.index] = a > b
-    if not greedy or max_new_tokens <= 0:
-        return
-    pos = T0
+    # Every candidate token is fed, so the logits after its last token give the boundary mass.
+    cc = copy.deepcopy(cache) if greedy and max_new_tokens > 0 else cache
+    cc.batch_repeat_interleave(k)
+    inp = torch.tensor([c + [c[-1]] * (longest - len(c)) for c in cands], dtype=torch.long, device=device)
+    hooks.offset = T0
+    logits = lm.model(input_ids=inp, cache=cc, use_cache=True).logits.float()  # [B·k, M, V]
+    del cc
+    masks = boundary_masks(lm)
+    complete = np.zeros((B, k))
+    token_sum = np.zeros((B, k))
+    first = np.full((B, k), np.nan)
+    for b, r in enumerate(batch):
+        per_token = []  # per candidate: [log p(c_1), …, log p(c_m), log P(B(c))]
+        for j, (c, text) in enumerate(zip(r.cands, r.texts)):
+            row, m = b * k + j, len(c)
+            terms = answer_terms(torch.cat([last[b:b + 1].float(), logits[row, :m]]), c, masks.for_candidate(text))
+            lp = terms.tolist()
+            token_sum[b, j] = sum(lp[:-1])
+            complete[b, j] = sum(lp)
+            per_token.append(lp)
+        if k == 2:
+            c0, c1 = r.cands
+            j = next((i for i, (x, y) in enumerate(zip(c0, c1)) if x != y), min(len(c0), len(c1)))
+            first[b] = [per_token[0][j], per_token[1][j]]  # index len(c) is the boundary term
+    replies, verdicts = [""] * B, ["other"] * B
+    if greedy and max_new_tokens > 0:
+        replies = _greedy(lm, hooks, cache, last, batch, prep.tail, T0, max_new_tokens)
+        verdicts = [judge(text, r.texts[0], r.texts[1]) if len(r.texts) == 2 else "other"
+                    for text, r in zip(replies, batch)]
+    return _BatchScores([r.index for r in batch], complete, first, token_sum, replies, verdicts)
+
+
+def _greedy(lm, hooks, cache, last, batch: list[_Row], tail: list[int], pos: int, max_new_tokens: int) -> list[str]:
+    """Greedy replies continuing ``cache`` (prompt + shared stem) of a batch: until every reply holds
+    a whole number (numeric answers), an end-of-sequence token, or ``max_new_tokens``."""
+    import torch
+
+    from .generate import eos_ids
+
+    tok, device, stop = lm.tokenizer, lm.device, eos_ids(lm)
+    B = len(batch)
     if tail:
         hooks.offset = pos
         t_ids = torch.tensor([tail] * B, dtype=torch.long, device=device)
@@ -280,14 +401,10 @@ def _score_batch(lm, hooks, head, common, batch, prep, greedy, max_new_tokens, s
         if all(done) or step == max_new_tokens - 1:
             break
         hooks.offset = pos
-        last = lm.model(input_ids=torch.tensor(nxt, device=device)[:, None], cache=cache,
-                        use_cache=True).logits[:, -1]
+        last = lm.model(input_ids=torch.tensor(nxt, device=device)[:, None], cache=cache, use_cache=True).logits[:, -1]
         pos += 1
-    for r, o in zip(batch, out):
-        text = tok.decode([i for i in o if i not in stop], skip_special_tokens=True)
-        it = prep.items[r.index]
-        replies[r.index] = text
-        verdicts[r.index] = judge(text, it.correct, it.wrong)
+    return [tok.decode([i for i in o if i not in stop], skip_special_tokens=True) for o in out]
+
 
 def _reply_has_number(text: str) -> bool:
     """True once the reply's first number is complete (something other than a digit follows it,
@@ -302,3 +419,14 @@ def _reply_has_number(text: str) -> bool:
         return len(after) > 1 and not after[1].isdigit()
     return True
 
+
+def answer_logprobs(lm, chat, candidates: Sequence[str], interventions=None, quantiles=None,
+                    prefix: str = "") -> np.ndarray:
+    """[k] complete-answer log-probabilities ``L(c)`` (module docstring) of ``candidates`` after
+    ``chat`` and the reply stem ``prefix``, under ``interventions``."""
+    cands = [str(c).strip() for c in candidates]
+    if not cands or any(not c for c in cands):
+        raise MonitorError("Give at least one non-empty answer candidate.")
+    item = Item.from_chat(chat, cands[0], cands[-1])
+    prep = prepare(lm, [item], prefix, candidates=[cands])
+    return score(lm, prep, interventions, quantiles, greedy=False).complete[0]

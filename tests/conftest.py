@@ -95,11 +95,26 @@ def build_db(model: str, root: Path, **overrides) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_db(tmp_path_factory) -> Path:
-    """The embedded model's database from the tiny corpus, five layers described (≈3 min, once)."""
-    return build_db("embedded", tmp_path_factory.mktemp("embedded-db"), layers=TEST_DB_LAYERS)
+    """The embedded model's database from the tiny corpus, five layers described (≈3 min, once).
+
+    ``MONITOR_TEST_DB_DIR`` (for development only) keeps it in that folder between test runs: the
+    build resumes or skips its finished stages there, exactly as a user's build would."""
+    keep = os.environ.get("MONITOR_TEST_DB_DIR")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("embedded-db")
+    return build_db("embedded", root, layers=TEST_DB_LAYERS)
 
 
 @pytest.fixture(scope="session")
 def tiny_db(tmp_path_factory, tiny_llama_dir) -> Path:
     """The tiny random Llama's full database (seconds)."""
     return build_db(str(tiny_llama_dir), tmp_path_factory.mktemp("tiny-db"), n_sequences=48, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def bigram_lm(tmp_path_factory):
+    """A Llama whose next-token probabilities are set by hand (tests/bigram.py), loaded like any checkpoint."""
+    from engine.loader import load_model
+
+    from .bigram import build
+
+    return load_model(str(build(tmp_path_factory.mktemp("bigram") / "model")))

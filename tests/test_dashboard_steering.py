@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from engine.prompt_sets import Item
 from engine.specs import ConceptSpec, specs_from_json, specs_from_url, specs_to_url
 from tests.fake_openai import chat_completion, send_json, serve
 from tests.test_dashboard import QUESTION, chart, db, downloads, env, new_app, ok, send, start  # noqa: F401 (fixtures)
@@ -322,26 +323,33 @@ def test_experiments_page_runs_a_tiny_experiment(env, downloads):
     at = page(EXPERIMENTS)
     assert any("only the baseline will run" in w.value for w in at.warning)
     at.text_area(key="w_exp_specs").set_value("Bible verses:suppress:50")
-    at.number_input(key="w_exp_n").set_value(4)
-    at.number_input(key="w_exp_controls").set_value(1)
+    at.text_area(key="w_exp_concept_controls").set_value("decimal numbers:suppress:50")
+    at.number_input(key="w_exp_pairs").set_value(2)
+    at.number_input(key="w_exp_controls").set_value(3)
     at.run()
-    assert "3 conditions × 4 prompts = **12** scorings" in "\n".join(c.value for c in ok(at).caption)
+    assert "6 conditions × 4 prompts = **24** scorings" in "\n".join(c.value for c in ok(at).caption)
     at.button(key="exp_run").click().run()
     ok(at)
     assert not at.error
-    assert at.status and "Done: 12 scorings" in at.status[0].label
+    assert at.status and "Done: 24 scorings" in at.status[0].label
     _, datasets = chart(at, "exp_chart")
     bars = next(d for d in datasets if "condition" in d.columns)
-    assert list(bars["condition"]) == ["baseline", "Bible verses (suppress 50)", "random control 1 (seed 0)"]
-    assert ((bars["lo"] <= bars["accuracy"]) & (bars["accuracy"] <= bars["hi"])).all()
-    table = frame(at, {"condition", "accuracy", "95% CI low", "McNemar p vs baseline", "p vs controls (max)"})
-    assert len(table) == 3 and set(table["kind"]) == {"baseline", "spec", "control"}
-    assert table["accuracy"].isin([0, 0.25, 0.5, 0.75, 1.0]).all()
+    assert list(bars["condition"]) == ["baseline", "Bible verses (suppress 50)",
+                                       "decimal numbers (suppress 50) [concept control]"]  # controls: the null chart
+    assert ((bars["lo"] <= bars["accuracy"]) & (bars["accuracy"] <= bars["hi"]) & (bars["lo"] < bars["hi"])).all()
+    _, null = chart(at, "exp_null_chart")
+    ticks = next(d for d in null if "change" in d.columns)
+    assert sorted(ticks["what"]) == ["random control"] * 3 + ["the concept"]
+    table = frame(at, {"condition", "accuracy", "95% CI low", "McNemar p (pairs)", "percentile among controls"})
+    assert len(table) == 6 and set(table["kind"]) == {"baseline", "spec", "concept-control", "control"}
+    assert table["accuracy"].isin([0, 0.25, 0.5, 0.75, 1.0, 0.125, 0.375, 0.625, 0.875]).all()
+    assert (table["mass ratio"].dropna() > 0).all() and table["mass ratio"].notna().sum() == 3
     verdict = "\n".join(i.value for i in at.info)
-    assert "Baseline forced-choice accuracy" in verdict and "Random controls" in verdict and "n = 4" in verdict
+    assert "Baseline:" in verdict and "random controls" in verdict and "2 pairs" in verdict
     assert any(m.value.startswith("| condition |") for m in at.markdown)
     summary = json.loads(downloads["experiment.json"])
-    assert summary["n"] == 4 and [r["kind"] for r in summary["conditions"]] == ["baseline", "spec", "control"]
+    assert summary["n"] == 4 and [r["kind"] for r in summary["conditions"]] == \
+        ["baseline", "spec", "concept-control", "control", "control", "control"]
     assert downloads["experiment.md"].decode().startswith("| condition |")
 
 
@@ -354,6 +362,10 @@ def test_experiments_page_bad_inputs(env):
     at.text_input(key="w_exp_template").set_value("Compare {x} and {y}")
     at.run()
     assert "must contain {a} and {b}" in errors(ok(at)) and at.button(key="exp_run").disabled
+    at.text_input(key="w_exp_template").set_value("")
+    at.selectbox(key="w_exp_set").set_value("shorter")
+    at.slider(key="w_exp_xrange").set_value((0, 0)).run()
+    assert not ok(at).error  # whole part 0: still pairs
     at.radio(key="w_exp_which").set_value("custom").run()
     assert any("Upload a .jsonl file" in i.value for i in ok(at).info) and at.button(key="exp_run").disabled
     at.text_area(key="w_exp_paste").set_value('{"prompt": "2+2?", "correct": "4", "wrong": "5"}\n{"prompt": oops}')
@@ -372,6 +384,43 @@ def test_experiments_page_bad_inputs(env):
     assert at.button(key="exp_run").disabled
 
 
+def test_experiments_page_shows_a_replication_report(env, tmp_path, downloads):
+    """A report as `experiment replicate` writes it, read from data/reports/, and a broken upload explained."""
+    from engine.experiments import Condition, ExperimentResult, analyze, to_json
+    from engine.replication import Suite, concat, suite_verdict
+    from engine.scoring import Scores
+
+    items = [Item(f"q{i}", "1.5", "1.25", i // 2) for i in range(8)]
+    rng = np.random.default_rng(0)
+    conds = [Condition("baseline", "baseline"), Condition("dates (suppress 500)", "spec")] + \
+        [Condition(f"control {i + 1} of dates (suppress 500)", "control", of="dates (suppress 500)") for i in range(4)]
+
+    def sc():
+        c = rng.normal(size=(8, 2))
+        return Scores(c, c, c, [""] * 8, ["other"] * 8, 1.0)
+
+    res = ExperimentResult(items, conds, [sc() for _ in conds], {}, 1.0)
+    summary = analyze(res)
+    report = {"suite": {**Suite().__dict__, "formats": ["chat"], "sets": ["shorter"]}, "config": {"model": "embedded"},
+              "cells": [{"format": "chat", "set": "shorter", "x_range": [13, 40], "pairs": 4, "heldout": False,
+                         "stem": "", "summary": summary}],
+              "pooled": analyze(concat([res], {})), "seconds": 60.0,
+              "copy_check": {"n": 8, "prompt": "Repeat this number exactly: X", "complete": 1.0, "first_diff": 0.5,
+                             "token_sum": 0.5}}
+    report["verdict"] = suite_verdict(report)
+    folder = tmp_path / "data" / "reports" / "replication-test"
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(to_json(report))
+    env.setenv("MONITOR_DATA_DIR", str(tmp_path / "data"))
+    at = page(EXPERIMENTS)
+    assert report["verdict"] in "\n".join(i.value for i in ok(at).info)
+    _, effects = chart(at, "rep_effects")
+    assert any("diff" in d.columns for d in effects)
+    assert any("Scorer check" in m.value for m in at.markdown)
+    at.file_uploader(key="rep_upload").set_value(("report.json", b'{"not": "a report"}', "application/json")).run()
+    assert "not a replication report" in errors(ok(at))
+
+
 def test_without_a_database_steering_explains_and_experiments_refuse_specs(env, tmp_path):
     env.setenv("MONITOR_DB", str(tmp_path / "nowhere.duckdb"))
     at = page(STEERING)
@@ -379,7 +428,7 @@ def test_without_a_database_steering_explains_and_experiments_refuse_specs(env, 
                for w in at.warning)
     at = page(EXPERIMENTS)
     at.text_area(key="w_exp_specs").set_value("Bible verses")
-    at.number_input(key="w_exp_n").set_value(1)
+    at.number_input(key="w_exp_pairs").set_value(1)
     at.button(key="exp_run").click().run()
     assert "Steering specs need the neuron database" in errors(ok(at))
     assert not at.get("vega_lite_chart")
