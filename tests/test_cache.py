@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 from cache.codec import decode_acts, encode_acts  # noqa: E402
 from cache.db import RESULT_COLUMNS, open_database  # noqa: E402
 from cache.paths import tmp_path as build_tmp  # noqa: E402
-from cache.schema import REQUIRED_META  # noqa: E402
+from cache.schema import REQUIRED_META, SCHEMA_VERSION  # noqa: E402
 from cache.writer import DatabaseWriter  # noqa: E402
 from engine.errors import MonitorError  # noqa: E402
 
@@ -166,7 +166,7 @@ def test_vectors_stored_normalised_with_real_dim(db, synth):
                             "max(sqrt(list_dot_product(vec::FLOAT[], vec::FLOAT[]))) FROM embeddings").fetchall()[0]
     assert typ == f"FLOAT[{D}]"
     assert abs(norms[0] - 1) < 1e-5 and abs(norms[1] - 1) < 1e-5
-    assert db.meta["schema_version"] == "1" and db.meta["embedding_dim"] == str(D)
+    assert db.meta["schema_version"] == SCHEMA_VERSION == "2" and db.meta["embedding_dim"] == str(D)
     assert np.allclose(db.embedding(1, 3, -1), synth.unit[synth.keys.index((1, 3, -1))], atol=1e-6)
 
 

@@ -148,6 +148,9 @@ st.caption("Does steering a concept change accuracy more than steering as many r
            "stem; greedy: the first number of the greedy reply.")
 
 res = resources.resources()
+if res.browse_only:
+    st.info(f"{res.browse_only} Experiments need the model, so they cannot run.")
+    st.stop()
 if res.model.error:
     st.error(f"The model could not be loaded, so experiments cannot run: {res.model.error}")
     st.stop()
