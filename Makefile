@@ -54,6 +54,7 @@ bench: setup
 	$(PY) -m benchmarks.precompute --json
 	$(PY) -m benchmarks.dashboard --json
 	$(PY) -m benchmarks.steering --json
+	$(PY) -m benchmarks.importers --json
 
 clean-data:
 	rm -rf data/build data/*.duckdb data/*.duckdb.tmp

@@ -17,6 +17,7 @@ and dropped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import time
@@ -196,6 +197,31 @@ def import_command(words: Iterable[str]) -> str:
 def frame(rows: list[tuple], columns: Iterable[str]) -> pd.DataFrame:
     """Rows as a DataFrame with the given columns (also when there are none)."""
     return pd.DataFrame.from_records(rows, columns=list(columns))
+
+
+def token_record(tokens, values, path: Path, what: str) -> tuple[float, float, list[int], str, list[str]]:
+    """A published text with per-token activations as we store it: (max activation, scale, int8
+    codes (:func:`cache.codec.encode_acts`), text = the tokens joined, tokens as strings).
+    MonitorError naming ``path`` and ``what`` when the two lists do not match."""
+    from ..codec import encode_acts
+
+    tokens, values = list(tokens or []), list(values or [])
+    if len(tokens) != len(values) or not tokens:
+        raise MonitorError(f"{path} is corrupt ({what} has {len(tokens)} tokens but {len(values)} activations): "
+                           "download it again, or delete it, then rerun the same command.")
+    vals = [float(v) for v in values]
+    codes, scale = encode_acts(vals)
+    words = [str(t) for t in tokens]
+    return max(vals), float(scale[0]), codes.tolist(), "".join(words), words
+
+
+def finite(value) -> float | None:
+    """``float(value)`` when that is a finite number, else None (a published score or value)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
 
 
 def _first(err: BaseException) -> str:

@@ -39,16 +39,13 @@ two batch files is handled like any other.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 from engine.errors import MonitorError
 
-from ..codec import encode_acts
-from ..writer import ARROW_SCHEMAS
 from .files import batch_files, read_json_lines
-from .job import ImportJob, frame, import_command
+from .job import ImportJob, finite, frame, import_command, token_record
 
 NAME = "neuronpedia"
 KINDS = ("features", "explanations", "activations")
@@ -119,14 +116,6 @@ def _model_info(sources: list[tuple[int, str, Path]]) -> dict:
     return {}
 
 
-def _number(v) -> float | None:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 class _Rows:
     """Checks shared by every row: its model, source and index."""
 
@@ -157,7 +146,7 @@ def _feature_rows(rows, layer, path, source, check):
         idx = check.key(row, path, n, source)
         neurons.append((layer, idx, [str(t) for t in row.get("pos_str") or []],
                         [str(t) for t in row.get("neg_str") or []]))
-        top = _number(row.get("maxActApprox"))
+        top = finite(row.get("maxActApprox"))
         if top is not None:
             quants.append((layer, idx, 1.0, top))
     return neurons, quants
@@ -178,7 +167,7 @@ def _explanation_rows(rows, layer, path, source, check, ord0):
             if scorer in seen:
                 continue
             seen.add(scorer)
-            value = _number(s.get("value"))
+            value = finite(s.get("value"))
             if value is not None and main is None:
                 main, main_scorer = value, scorer
             scores.append((ord_, scorer, str(model), value,
@@ -193,21 +182,17 @@ def _activation_rows(rows, layer, path, source, check, ord0, seq_id):
     acts, seqs = [], []
     for n, row in enumerate(rows, 1):
         idx = check.key(row, path, n, source)
-        tokens, values = row.get("tokens") or [], row.get("values") or []
-        if len(tokens) != len(values) or not tokens:
-            raise MonitorError(f"{path} is corrupt (row {n} has {len(tokens)} tokens but {len(values)} values): "
-                               "download it again, or delete it, then rerun the same command.")
-        vals = [float(v) for v in values]
-        codes, scale = encode_acts(vals)
-        peak = _number(row.get("maxValue"))
-        acts.append((layer, idx, ord0 + n, seq_id, max(vals) if peak is None else peak, float(scale[0]), codes.tolist()))
-        seqs.append((seq_id, str(row.get("dataSource") or source), "".join(map(str, tokens)), [str(t) for t in tokens]))
+        top, scale, codes, text, tokens = token_record(row.get("tokens"), row.get("values"), path, f"row {n}")
+        peak = finite(row.get("maxValue"))
+        acts.append((layer, idx, ord0 + n, seq_id, top if peak is None else peak, scale, codes))
+        seqs.append((seq_id, str(row.get("dataSource") or source), text, tokens))
         seq_id += 1
     return acts, seqs, seq_id
 
 
-def run(args, out, progress: bool = True) -> Path:
-    """``python -m cache import neuronpedia``: see the module docstring."""
+def run(args, out, progress: bool = True, rows_only: bool = False) -> "Path | None":
+    """``python -m cache import neuronpedia``: see the module docstring. ``rows_only`` stops before embedding and
+    finishing (the benchmark times the row import with it)."""
     from engine.loader import model_slug
 
     folder = Path(args.folder)
@@ -229,6 +214,8 @@ def run(args, out, progress: bool = True) -> Path:
         for kind in KINDS:
             _import_kind(job, kind, sources, check)
         _finalize(job)
+        if rows_only:
+            return None
         job.embed_summaries()
         model = check.model or job.get("model") or "unknown"
         n_layers, n_neurons = _shape(job, info)
@@ -354,6 +341,6 @@ def _shape(job: ImportJob, info: dict) -> tuple[int, int]:
         "UNION ALL SELECT layer, neuron FROM quantiles)").fetchall()[0]
     if seen[0] is None:
         raise MonitorError("The export holds no rows to import (no features, explanations or activations).")
-    layers = max(int(seen[0]), int(_number(info.get("layers")) or 0))
-    neurons = max(int(seen[1]), int(_number(info.get("neuronsPerLayer")) or 0))
+    layers = max(int(seen[0]), int(finite(info.get("layers")) or 0))
+    neurons = max(int(seen[1]), int(finite(info.get("neuronsPerLayer")) or 0))
     return layers, neurons

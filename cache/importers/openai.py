@@ -33,15 +33,13 @@ Neurons are read in (layer, neuron) order, ``--batch-size`` neurons per committe
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from engine.errors import MonitorError
 
-from ..codec import encode_acts
 from ..writer import ARROW_SCHEMAS
 from .files import numbered, read_json
-from .job import ImportJob, frame, import_command
+from .job import ImportJob, finite, frame, import_command, token_record
 
 NAME = "openai"
 DEFAULT_MODEL = "gpt2-xl"
@@ -77,14 +75,6 @@ def neuron_files(folder: Path) -> list[tuple[int, int, Path | None, Path | None]
     return [(l, n, e, a) for (l, n), (e, a) in sorted(out.items())]
 
 
-def _number(v) -> float | None:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _check_id(data: dict, layer: int, neuron: int, path: Path) -> None:
     nid = data.get("neuron_id") or {}
     got = (nid.get("layer_index"), nid.get("neuron_index"))
@@ -101,7 +91,7 @@ def explanation_rows(data: dict, layer: int, neuron: int, path: Path) -> tuple[l
         text = str(e.get("explanation") or "").strip()
         if not text:
             continue
-        score = _number((e.get("scored_simulation") or {}).get("ev_correlation_score"))
+        score = finite((e.get("scored_simulation") or {}).get("ev_correlation_score"))
         if best is None or (score is not None and (best_score is None or score > best_score)):
             best, best_score = e, score
     if best is None:
@@ -109,7 +99,7 @@ def explanation_rows(data: dict, layer: int, neuron: int, path: Path) -> tuple[l
     text = str(best["explanation"]).strip()
     sim = best.get("scored_simulation") or {}
     n_seq = len(sim.get("scored_sequence_simulations") or []) or None
-    scores = [(layer, neuron, 1, name, SCORER_VERSION, _number(sim[field]), "source", n_seq,
+    scores = [(layer, neuron, 1, name, SCORER_VERSION, finite(sim[field]), "source", n_seq,
                json.dumps({"source": NAME, "file": f"{EXPLANATIONS}/{layer}/{neuron}.jsonl",
                            "field": f"scored_simulation.{field}"}))
               for field, (name, _) in SCORERS.items() if field in sim]
@@ -124,22 +114,19 @@ def record_rows(data: dict, layer: int, neuron: int, path: Path, seq_id: int):
     ex, seqs = [], []
     for key, pol, split in (("most_positive_activation_records", 1, "source"), ("random_sample", 0, "random")):
         for rank, rec in enumerate(data.get(key) or []):
-            tokens, acts = rec.get("tokens") or [], rec.get("activations") or []
-            if len(tokens) != len(acts) or not tokens:
-                raise MonitorError(f"{path} is corrupt ({key}[{rank}] has {len(tokens)} tokens but {len(acts)} "
-                                   "activations): download it again, or delete it, then rerun.")
-            vals = [float(a) for a in acts]
-            codes, scale = encode_acts(vals)
-            ex.append((layer, neuron, pol, split, rank, seq_id, max(vals), float(scale[0]), codes.tolist()))
-            seqs.append((seq_id, NAME, "".join(map(str, tokens)), [str(t) for t in tokens]))
+            top, scale, codes, text, tokens = token_record(rec.get("tokens"), rec.get("activations"), path,
+                                                           f"{key}[{rank}]")
+            ex.append((layer, neuron, pol, split, rank, seq_id, top, scale, codes))
+            seqs.append((seq_id, NAME, text, tokens))
             seq_id += 1
     tops = [e[6] for e in ex if e[2] == 1]
     quants = [(layer, neuron, 1.0, max(tops))] if tops else []
     return ex, seqs, quants, seq_id
 
 
-def run(args, out, progress: bool = True) -> Path:
-    """``python -m cache import openai``: see the module docstring."""
+def run(args, out, progress: bool = True, rows_only: bool = False) -> "Path | None":
+    """``python -m cache import openai``: see the module docstring. ``rows_only`` stops before embedding and
+    finishing (the benchmark times the row import with it)."""
     from engine.loader import model_slug
 
     folder = Path(args.folder)
@@ -183,6 +170,8 @@ def run(args, out, progress: bool = True) -> Path:
                     job.commit(step, list(chunk[-1][:2]), write)
                     bar.update(len(chunk))
             job.mark_done(step)
+        if rows_only:
+            return None
         job.embed_summaries()
         n_layers = max(f[0] for f in files) + 1
         n_neurons = max(f[1] for f in files) + 1

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 from engine.errors import MonitorError
@@ -237,8 +238,9 @@ def _quantile_rows(layer: int, neuron: int, raw: Any) -> tuple[list[tuple], int]
     return rows, skipped
 
 
-def run(args, out, progress: bool = True) -> "Path":
-    """``python -m cache import transluce``: see the module docstring."""
+def run(args, out, progress: bool = True, rows_only: bool = False) -> "Path | None":
+    """``python -m cache import transluce``: see the module docstring. ``rows_only`` stops before embedding and
+    finishing (the benchmark times the row import with it)."""
     from engine.loader import model_slug
 
     src = TransluceSource(args.dsn, args.model, args.table, args.version, args.expert)
@@ -259,6 +261,8 @@ def run(args, out, progress: bool = True) -> "Path":
                 "quantiles": _quantiles(src, job, args.batch_size),
                 "exemplars": _exemplars(src, job, args.batch_size),
             }
+            if rows_only:
+                return None
             job.embed_summaries()
             words = ["python", "-m", "cache", "import", NAME, "--dsn", redact(args.dsn), "--model", args.model,
                      "--out", str(out)]
@@ -304,115 +308,111 @@ def _scorer_version(table: str) -> str:
     return table.removeprefix("descriptions_") or table
 
 
-def _descriptions(src: TransluceSource, job: ImportJob, batch: int, keep: bool) -> dict:
-    step = "descriptions"
+def _stream_step(src: TransluceSource, job: ImportJob, step: str, batch: int, *, initial: dict, key: str,
+                 select: str, convert, extra_where: str = "", extra_params: tuple = ()) -> dict:
+    """Stream one table in ``key`` order and commit each batch with its last key.
+
+    ``select`` is the query with ``{where}`` where the model/expert filter, ``extra_where`` and
+    the resume condition (``key`` after the last committed one) go; ``convert(rows, state)``
+    turns a batch into the ``write(writer)`` that stores it, updating ``state`` (kept with the
+    position, so counts survive a resume). Returns the final state."""
     if job.done(step):
         return job.info(step)
     pos = job.position(step)
-    state = pos["state"] if pos else {"rows": 0, "missing_summaries": 0, "versions": {}, "skipped": {}}
+    state = pos["state"] if pos else {"rows": 0, **initial}
     where, params = src._where()
-    if src.version is not None:
-        where += " AND d.version IS NOT DISTINCT FROM %s"
-        params.append(src.version)
-    after, after_params = _after("n.layer, n.neuron, d.polarity", pos["key"] if pos else None)
-    embedding = ", d.description_embedding::text" if keep else ""
-    sql = (f"SELECT DISTINCT ON (n.layer, n.neuron, d.polarity) n.layer, n.neuron, d.polarity, d.version, "
-           f"d.description, d.description_cleaned, d.description_summary, {_SCORE} AS score{embedding} "
-           f"FROM {src.table} d JOIN neurons n ON n.id = d.neuron_id "
-           f"WHERE {where} AND d.polarity IN (1, -1){after} "
-           "ORDER BY n.layer, n.neuron, d.polarity, score DESC NULLS LAST, d.version NULLS FIRST")
-    with job.bar(None, "descriptions", initial=state["rows"]) as bar:
-        for rows in src.stream(sql, params + after_params, batch):
-            desc, scores, vecs = [], [], []
-            for r in rows:
-                layer, neuron, pol, version, description, cleaned, summary, score = r[:8]
-                text = cleaned if cleaned and cleaned.strip() else description
-                if not (summary and summary.strip()):
-                    state["missing_summaries"] += 1
-                    summary = text
-                vkey = "NULL" if version is None else str(version)
-                state["versions"][vkey] = state["versions"].get(vkey, 0) + 1
-                desc.append((layer, neuron, pol, text, summary, score, f"transluce:{vkey}" if version is not None
-                             else "transluce", SCORER if score is not None else None))
-                if score is not None:
-                    scores.append((layer, neuron, pol, SCORER, _scorer_version(src.table), score, "source", None,
-                                   json.dumps({"source": NAME, "table": src.table, "field": "description_metadata.score",
-                                               "version": version})))
-                if keep and r[8] is not None:
-                    vecs.append((layer, neuron, pol, _parse_vector(r[8])))
+    after, after_params = _after(key, pos["key"] if pos else None)
+    sql = select.format(where=where + extra_where + after)
+    n_key = len(key.split(","))
+    with job.bar(None, step, initial=state["rows"]) as bar:
+        for rows in src.stream(sql, params + list(extra_params) + after_params, batch):
+            write = convert(rows, state)
             state["rows"] += len(rows)
-            last = list(rows[-1][:3])
-
-            def write(w, desc=desc, scores=scores, vecs=vecs):
-                w.write_descriptions(frame(desc, ARROW_SCHEMAS["descriptions"].names))
-                w.write_scores(frame(scores, ARROW_SCHEMAS["scores"].names))
-                if vecs:
-                    w.conn.register("_vecs", frame(vecs, ("layer", "neuron", "polarity", "vec")))
-                    w.conn.execute("INSERT INTO source_embeddings SELECT layer, neuron, polarity, vec FROM _vecs")
-                    w.conn.unregister("_vecs")
-
-            job.commit(step, {"key": last, "state": state}, write)
+            job.commit(step, {"key": list(rows[-1][:n_key]), "state": state}, write)
             bar.update(len(rows))
     job.mark_done(step, state)
     return state
+
+
+def _descriptions(src: TransluceSource, job: ImportJob, batch: int, keep: bool) -> dict:
+    embedding = ", d.description_embedding::text" if keep else ""
+    select = (f"SELECT DISTINCT ON (n.layer, n.neuron, d.polarity) n.layer, n.neuron, d.polarity, d.version, "
+              f"d.description, d.description_cleaned, d.description_summary, {_SCORE} AS score{embedding} "
+              f"FROM {src.table} d JOIN neurons n ON n.id = d.neuron_id WHERE {{where}} "
+              "ORDER BY n.layer, n.neuron, d.polarity, score DESC NULLS LAST, d.version NULLS FIRST")
+    extra, extra_params = " AND d.polarity IN (1, -1)", ()
+    if src.version is not None:
+        extra, extra_params = extra + " AND d.version IS NOT DISTINCT FROM %s", (src.version,)
+
+    def convert(rows, state):
+        desc, scores, vecs = [], [], []
+        for r in rows:
+            layer, neuron, pol, version, description, cleaned, summary, score = r[:8]
+            text = cleaned if cleaned and cleaned.strip() else description
+            if not (summary and summary.strip()):
+                state["missing_summaries"] += 1
+                summary = text
+            vkey = "NULL" if version is None else str(version)
+            state["versions"][vkey] = state["versions"].get(vkey, 0) + 1
+            desc.append((layer, neuron, pol, text, summary, score, f"transluce:{vkey}" if version is not None
+                         else "transluce", SCORER if score is not None else None))
+            if score is not None:
+                scores.append((layer, neuron, pol, SCORER, _scorer_version(src.table), score, "source", None,
+                               json.dumps({"source": NAME, "table": src.table, "field": "description_metadata.score",
+                                           "version": version})))
+            if keep and r[8] is not None:
+                vecs.append((layer, neuron, pol, _parse_vector(r[8])))
+
+        def write(w):
+            w.write_descriptions(frame(desc, ARROW_SCHEMAS["descriptions"].names))
+            w.write_scores(frame(scores, ARROW_SCHEMAS["scores"].names))
+            if vecs:
+                w.conn.register("_vecs", frame(vecs, ("layer", "neuron", "polarity", "vec")))
+                w.conn.execute("INSERT INTO source_embeddings SELECT layer, neuron, polarity, vec FROM _vecs")
+                w.conn.unregister("_vecs")
+        return write
+
+    return _stream_step(src, job, "descriptions", batch, initial={"missing_summaries": 0, "versions": {}},
+                        key="n.layer, n.neuron, d.polarity", select=select, convert=convert, extra_where=extra,
+                        extra_params=extra_params)
 
 
 def _quantiles(src: TransluceSource, job: ImportJob, batch: int) -> dict:
-    step = "quantiles"
-    if job.done(step):
-        return job.info(step)
-    pos = job.position(step)
-    state = pos["state"] if pos else {"rows": 0, "skipped": {"levels": 0}}
-    where, params = src._where()
-    after, after_params = _after("n.layer, n.neuron", pos["key"] if pos else None)
-    sql = (f"SELECT n.layer, n.neuron, q.quantiles FROM quantiles q JOIN neurons n ON n.id = q.neuron_id "
-           f"WHERE {where}{after} ORDER BY n.layer, n.neuron")
-    with job.bar(None, "quantiles", initial=state["rows"]) as bar:
-        for rows in src.stream(sql, params + after_params, batch):
-            out = []
-            for layer, neuron, raw in rows:
-                got, skipped = _quantile_rows(layer, neuron, raw)
-                out += got
-                state["skipped"]["levels"] += skipped
-            state["rows"] += len(rows)
-            job.commit(step, {"key": list(rows[-1][:2]), "state": state},
-                       lambda w, out=out: w.write_quantiles(frame(out, ("layer", "neuron", "q", "value"))))
-            bar.update(len(rows))
-    job.mark_done(step, state)
-    return state
+    def convert(rows, state):
+        out = []
+        for layer, neuron, raw in rows:
+            got, skipped = _quantile_rows(layer, neuron, raw)
+            out += got
+            state["skipped"]["levels"] += skipped
+        return lambda w: w.write_quantiles(frame(out, ("layer", "neuron", "q", "value")))
+
+    return _stream_step(src, job, "quantiles", batch, initial={"skipped": {"levels": 0}}, key="n.layer, n.neuron",
+                        select="SELECT n.layer, n.neuron, q.quantiles FROM quantiles q JOIN neurons n "
+                               "ON n.id = q.neuron_id WHERE {where} ORDER BY n.layer, n.neuron", convert=convert)
 
 
 def _exemplars(src: TransluceSource, job: ImportJob, batch: int) -> dict:
-    step = "exemplars"
-    if job.done(step):
-        return job.info(step)
-    pos = job.position(step)
-    state = pos["state"] if pos else {"rows": 0, "group": None, "next_rank": 0, "skipped": {}}
-    where, params = src._where()
-    after, after_params = _after("n.layer, n.neuron, e.polarity, e.rank, e.id", pos["key"] if pos else None)
-    sql = (f"SELECT n.layer, n.neuron, e.polarity, e.rank, e.id, e.activation_value, e.text "
-           f"FROM exemplars e JOIN neurons n ON n.id = e.neuron_id "
-           f"WHERE {where} AND e.polarity IN (1, -1){after} ORDER BY n.layer, n.neuron, e.polarity, e.rank, e.id")
-    with job.bar(None, "exemplars", initial=state["rows"]) as bar:
-        seq_id = job.next_seq_id()
-        for rows in src.stream(sql, params + after_params, batch):
-            ex, seqs = [], []
-            for layer, neuron, pol, _rank, _id, value, text in rows:
-                group = [layer, neuron, pol]
-                if group != state["group"]:
-                    state["group"], state["next_rank"] = group, 0
-                ex.append((layer, neuron, pol, "source", state["next_rank"], seq_id, value, None, None))
-                seqs.append((seq_id, NAME, text if text is not None else "", []))
-                state["next_rank"] += 1
-                seq_id += 1
-            state["rows"] += len(rows)
-            last = list(rows[-1][:5])
+    next_seq = [job.next_seq_id()]
 
-            def write(w, ex=ex, seqs=seqs):
-                w.write_sequences(frame(seqs, ("seq_id", "source", "text", "tokens")))
-                w.write_exemplars(frame(ex, ARROW_SCHEMAS["exemplars"].names))
+    def convert(rows, state):
+        ex, seqs = [], []
+        for layer, neuron, pol, _rank, _id, value, text in rows:
+            group = [layer, neuron, pol]
+            if group != state["group"]:
+                state["group"], state["next_rank"] = group, 0
+            ex.append((layer, neuron, pol, "source", state["next_rank"], next_seq[0], value, None, None))
+            seqs.append((next_seq[0], NAME, text if text is not None else "", []))
+            state["next_rank"] += 1
+            next_seq[0] += 1
 
-            job.commit(step, {"key": last, "state": state}, write)
-            bar.update(len(rows))
-    job.mark_done(step, state)
-    return state
+        def write(w):
+            w.write_sequences(frame(seqs, ("seq_id", "source", "text", "tokens")))
+            w.write_exemplars(frame(ex, ARROW_SCHEMAS["exemplars"].names))
+        return write
+
+    return _stream_step(src, job, "exemplars", batch, initial={"group": None, "next_rank": 0},
+                        key="n.layer, n.neuron, e.polarity, e.rank, e.id",
+                        select="SELECT n.layer, n.neuron, e.polarity, e.rank, e.id, e.activation_value, e.text "
+                               "FROM exemplars e JOIN neurons n ON n.id = e.neuron_id WHERE {where} "
+                               "ORDER BY n.layer, n.neuron, e.polarity, e.rank, e.id",
+                        convert=convert, extra_where=" AND e.polarity IN (1, -1)")

@@ -199,11 +199,12 @@ for tab, (name, exs) in zip(tabs, groups.items()):
 st.subheader("Activation distribution")
 qc, hc = st.columns([1, 2], gap="large")
 with qc:
-    qdf = pd.DataFrame({"quantile": [f"{q:g}" for q in qs], "activation": list(qs.values())})
+    qdf = pd.DataFrame({"quantile": [f"{q:.10g}" for q in qs], "activation": list(qs.values())})
     st.dataframe(qdf, hide_index=True, key="quantiles",
                  column_config={"activation": st.column_config.NumberColumn(format="%.4g")})
-    st.caption("Quantiles over every corpus token (0 and 1 are the min and max). The dashboard normalises by "
-               "1 − 1e-5 (positive) and 1e-5 (negative).")
+    st.caption(("Quantiles as the source published them, over its own corpus" if imported else
+                "Quantiles over every corpus token") + " (0 and 1 are the min and max). The dashboard normalises by "
+               "1 − 1e-5 (positive) and 1e-5 (negative), or the nearest stored level on that side.")
 with hc:
     parts = []
     for name, exs in (("random exemplars", groups["Random"]), ("top exemplars", groups["Top (positive)"]),
