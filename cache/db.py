@@ -48,6 +48,10 @@ def open_database(path: str | os.PathLike | None = None, read_only: bool = True,
     if not path.is_file():
         rebuild = _rebuild(path)
         if tmp_path(path).exists():
+            if _is_import(tmp_path(path)):
+                raise MonitorError(f"The import into {path.name} did not finish ({tmp_path(path).name} is left over "
+                                   f"in {path.parent}): unless it is still running, re-run the same `python -m cache "
+                                   "import …` command to resume it.")
             raise MonitorError(f"The neuron database build did not finish ({tmp_path(path).name} is left over "
                                f"in {path.parent}): unless a build is still running, re-run `{rebuild}` "
                                "to resume it.")
@@ -67,6 +71,16 @@ def open_database(path: str | os.PathLike | None = None, read_only: bool = True,
         conn.close()
         raise
     return NeuronDB(path, conn, meta)
+
+
+def _is_import(tmp: Path) -> bool:
+    """Whether an unfinished ``.tmp`` is an import (it has the importers' progress table)."""
+    try:
+        with duckdb.connect(str(tmp), read_only=True) as conn:
+            return bool(conn.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = '_import_progress'")
+                        .fetchall()[0][0])
+    except duckdb.Error:  # locked by the running import, or unreadable: say the general thing
+        return False
 
 
 def _rebuild(path: Path, meta: dict[str, str] | None = None) -> str:

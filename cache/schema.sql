@@ -102,6 +102,10 @@ CREATE TABLE IF NOT EXISTS exemplars (
     acts     TINYINT[]
 );
 
+-- Only `python -m cache import transluce --keep-source-embeddings` adds a table
+--   source_embeddings (layer, neuron, polarity, vec FLOAT[d]): the publisher's own description embeddings
+-- (Transluce: OpenAI text-embedding-ada-002, d = 1536), kept as published and not used for search.
+
 -- Extreme quantiles of each neuron's activation over all corpus tokens (an import stores the
 -- quantiles its source published, e.g. Transluce's 1e-7 … 1 − 1e-7, or only the max as q = 1).
 -- q in {0, 1e-5, 1e-4, 1e-3, 1-1e-3, 1-1e-4, 1-1e-5, 1}; 0 and 1 are the min and max.

@@ -57,6 +57,12 @@ def test_transluce_import_neuron_page_and_search(monkeypatch, tiny_transluce):
     ok(at.run())
     found = table(at, "browse_results")
     assert len(found) == 50 and found["summary"].str.contains("Bible verses").head(5).all()
+    at.switch_page("pages/about.py")
+    ok(at.run())
+    facts = dict(table(at, "meta_table").values.tolist())
+    assert facts["imported from"] == "Transluce NeuronDB" and "sysadmin" not in facts["source location"]
+    assert "no per-token activations" in facts["lacks"].lower() or "highlighted" in facts["lacks"]
+    assert facts["re-import with"].startswith("python -m cache import transluce")
 
 
 def test_browse_only_database_turns_live_features_off(monkeypatch, openai_db):

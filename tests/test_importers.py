@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 from cache.__main__ import main  # noqa: E402
 from cache.db import open_database  # noqa: E402
 from cache.paths import tmp_path as tmp_of  # noqa: E402
+from engine.errors import MonitorError  # noqa: E402
 from tests.conftest import new_pg_database  # noqa: E402
 from tests.postgres_server import DESCRIPTIONS, PASSWORD, create_transluce_tables, fill_transluce  # noqa: E402
 from tests.publisher_exports import neuronpedia_export, openai_dataset, write_jsonl_gz  # noqa: E402
@@ -152,6 +153,8 @@ def test_transluce_killed_twice_then_resumed_matches_the_source(transluce_src, t
         res = run_import(*args, kill_at=kill)
         assert res.returncode == -9, res.stderr[-2000:]
         assert not out.exists() and tmp_of(out).exists()  # half-written: only the .tmp, never the output
+        with pytest.raises(MonitorError, match="re-run the same `python -m cache import"):
+            open_database(out)
     res = run_import(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert out.exists() and not tmp_of(out).exists()
