@@ -145,11 +145,11 @@ def transluce_src(pg_server):
     return dsn, rows, model, vector
 
 
-def test_transluce_killed_twice_then_resumed_matches_the_source(transluce_src, tmp_path):
+def test_transluce_killed_three_times_then_resumed_matches_the_source(transluce_src, tmp_path):
     dsn, rows, model, _ = transluce_src
     out = tmp_path / "t.duckdb"
-    args = ["transluce", "--dsn", dsn, "--model", model, "--out", str(out), "--batch-size", "25"]
-    for kill in ("descriptions:2", "exemplars:3"):
+    args = ["transluce", "--dsn", dsn, "--model", model, "--out", str(out), "--batch-size", "25", "--embed-chunk", "40"]
+    for kill in ("descriptions:2", "exemplars:3", "embeddings:2"):
         res = run_import(*args, kill_at=kill)
         assert res.returncode == -9, res.stderr[-2000:]
         assert not out.exists() and tmp_of(out).exists()  # half-written: only the .tmp, never the output
@@ -162,6 +162,10 @@ def test_transluce_killed_twice_then_resumed_matches_the_source(transluce_src, t
     # the same source imported in one go gives the same rows
     clean = tmp_path / "clean.duckdb"
     assert main(["import", "transluce", "--dsn", dsn, "--model", model, "--out", str(clean)]) == 0
+    emb = "SELECT layer, neuron, polarity, vec FROM embeddings ORDER BY layer, neuron, polarity"
+    resumed, fresh = rows_of(out, emb), rows_of(clean, emb)
+    assert [r[:3] for r in resumed] == [r[:3] for r in fresh]  # every summary embedded once, none missing
+    assert np.allclose(np.array([r[3] for r in resumed]), np.array([r[3] for r in fresh]), atol=1e-5)
     for table, key in (("descriptions", "layer, neuron, polarity"), ("scores", "layer, neuron, polarity, scorer"),
                        ("quantiles", "layer, neuron, q"), ("exemplars", "layer, neuron, polarity, rank")):
         cols = "*" if table != "exemplars" else "layer, neuron, polarity, split, rank, max_act"

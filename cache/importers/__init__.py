@@ -16,6 +16,8 @@ import argparse
 import importlib
 from pathlib import Path
 
+from .job import EMBED_CHUNK
+
 SOURCES = {
     "transluce": "Transluce's NeuronDB (Postgres), e.g. their Llama-3.1-8B-Instruct Docker image",
     "neuronpedia": "a Neuronpedia export folder (<modelId>/<source>/{features,explanations,activations})",
@@ -41,6 +43,8 @@ def add_parsers(sub) -> None:
                            help=f"rows (openai: neurons) per committed batch (default {DEFAULT_BATCH[name]})")
         p.add_argument("--embedder", default=None, help="local sentence-transformers folder for the summaries "
                                                         "(default: all-MiniLM-L6-v2)")
+        p.add_argument("--embed-chunk", type=int, default=EMBED_CHUNK,
+                       help=f"summaries embedded per committed chunk (default {EMBED_CHUNK})")
         p.add_argument("--fresh", action="store_true", help="discard an unfinished import of --out and start over")
         p.add_argument("--force", action="store_true", help="replace --out if it exists (when the import finishes)")
 
@@ -52,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "batch_size", None) is not None:
         at_least(args.batch_size, 1, "--batch-size")
+    at_least(args.embed_chunk, 1, "--embed-chunk")
     source = module(args.source)
     name = source.out_name(args) if hasattr(source, "out_name") else args.model
     out = Path(args.out) if args.out else db_path(name)

@@ -45,8 +45,10 @@ class ImportJob:
     """The output file of one import and its resumable progress (see the module docstring)."""
 
     def __init__(self, out: str | os.PathLike, job: dict, *, embedder: str | None = None, fresh: bool = False,
-                 force: bool = False, progress: bool = True, source_embedding_dim: int | None = None):
+                 force: bool = False, progress: bool = True, source_embedding_dim: int | None = None,
+                 embed_chunk: int = EMBED_CHUNK):
         self.out = Path(out)
+        self.embed_chunk = int(embed_chunk)
         self.tmp = tmp_path(self.out)
         self.job = {"schema_version": SCHEMA_VERSION, **job}
         self.embedder = embedder
@@ -140,8 +142,8 @@ class ImportJob:
                    for t in ("descriptions", "exemplars", "sequences", "quantiles"))
 
     # ------------------------------------------------------------------ embeddings
-    def embed_summaries(self, chunk: int = EMBED_CHUNK) -> None:
-        """Embed every description's summary with the project's embedder, ``chunk`` at a time in
+    def embed_summaries(self) -> None:
+        """Embed every description's summary with the project's embedder, ``embed_chunk`` at a time in
         descriptions rowid order (the key order the rows were written in), each chunk committed
         with its last rowid. Equal summaries within a chunk are embedded once."""
         from ..embedder import embed
@@ -156,7 +158,7 @@ class ImportJob:
             t0, n0 = time.perf_counter(), done
             while True:
                 rows = self.conn.execute("SELECT rowid, layer, neuron, polarity, summary FROM descriptions "
-                                         "WHERE rowid > ? ORDER BY rowid LIMIT ?", [last, chunk]).fetchnumpy()
+                                         "WHERE rowid > ? ORDER BY rowid LIMIT ?", [last, self.embed_chunk]).fetchnumpy()
                 if len(rows["rowid"]) == 0:
                     break
                 texts, inverse = np.unique(np.asarray(rows["summary"], dtype=object).astype(str), return_inverse=True)

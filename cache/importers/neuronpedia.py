@@ -206,7 +206,8 @@ def run(args, out, progress: bool = True, rows_only: bool = False) -> "Path | No
         raise MonitorError(f"{folder} holds no batch-N.jsonl.gz files to import: point at a Neuronpedia export.")
     job = ImportJob(out, {"source": NAME, "location": str(folder.resolve()), "model": args.model,
                           "engine_model": args.engine_model},
-                    embedder=args.embedder, fresh=args.fresh, force=args.force, progress=progress)
+                    embedder=args.embedder, fresh=args.fresh, force=args.force, progress=progress,
+                        embed_chunk=args.embed_chunk)
     try:
         check.model = check.model or job.get("model")  # learnt from the rows before a kill
         for table, cols in STAGING.items():

@@ -138,7 +138,8 @@ def run(args, out, progress: bool = True, rows_only: bool = False) -> "Path | No
         raise MonitorError(f"{folder} has no {EXPLANATIONS}/<layer>/<neuron>.jsonl or {ACTIVATIONS}/<layer>/"
                            "<neuron>.json files: point at OpenAI's dataset folder.")
     job = ImportJob(out, {"source": NAME, "location": str(folder.resolve()), "model": args.model},
-                    embedder=args.embedder, fresh=args.fresh, force=args.force, progress=progress)
+                    embedder=args.embedder, fresh=args.fresh, force=args.force, progress=progress,
+                        embed_chunk=args.embed_chunk)
     try:
         step = "neurons"
         if not job.done(step):

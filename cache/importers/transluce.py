@@ -254,6 +254,7 @@ def run(args, out, progress: bool = True, rows_only: bool = False) -> "Path | No
         job = ImportJob(out, {"source": NAME, "location": redact(args.dsn), "model": args.model, "table": args.table,
                               "version": args.version, "expert": args.expert, "keep_source_embeddings": keep},
                         embedder=args.embedder, fresh=args.fresh, force=args.force, progress=progress,
+                        embed_chunk=args.embed_chunk,
                         source_embedding_dim=dim)
         try:
             stats = {
