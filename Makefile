@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 PORT ?= 8501
 
-.PHONY: setup browser test demo trace build clean-data bench
+.PHONY: setup browser postgres test demo trace build clean-data bench
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ setup: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+## postgres: Debian's PostgreSQL server binaries (initdb, pg_ctl) for the Transluce importer's tests
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
 ## test: set up and run the whole suite
-test: setup browser
+test: setup browser postgres
 	$(PY) -m pytest
 
 ## trace: the engine's CLI trace on the headline prompt
@@ -50,6 +54,7 @@ bench: setup
 	$(PY) -m benchmarks.precompute --json
 	$(PY) -m benchmarks.dashboard --json
 	$(PY) -m benchmarks.steering --json
+	$(PY) -m benchmarks.importers --json
 
 clean-data:
 	rm -rf data/build data/*.duckdb data/*.duckdb.tmp

@@ -43,7 +43,7 @@ def _median_ms(fn, queries: np.ndarray) -> float:
 def build_synthetic(path: Path, seed: int = 0) -> dict:
     """Write a 458,752 × 384 database at ``path``; return its build timings."""
     from cache.codec import encode_acts
-    from cache.schema import REQUIRED_META
+    from cache.schema import REQUIRED_META, SCHEMA_VERSION
     from cache.writer import DatabaseWriter
 
     rng = np.random.default_rng(seed)
@@ -57,7 +57,7 @@ def build_synthetic(path: Path, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     with DatabaseWriter(path, embedding_dim=DIM) as w:
         meta = {k: "synthetic" for k in REQUIRED_META}
-        meta.update(schema_version="1", model_id="synthetic-8b", model_slug="synthetic-8b", n_layers=N_LAYERS,
+        meta.update(schema_version=SCHEMA_VERSION, model_id="synthetic-8b", model_slug="synthetic-8b", n_layers=N_LAYERS,
                     n_neurons=N_NEURONS, embedding_dim=DIM)
         w.write_meta(meta)
         w.write_sequences(pd.DataFrame({

@@ -4,6 +4,8 @@
     python -m cache keyword "chapter" --k 50 [--json]
     python -m cache neuron 12 345 [--json]
     python -m cache info [--json]
+    python -m cache import transluce --dsn postgresql://… [--model …] [--out data/<slug>.duckdb]
+    python -m cache import neuronpedia <folder> | python -m cache import openai <folder>
 
 Every command takes ``--model embedded`` (default) or ``--db PATH``. A problem the user
 can fix prints one line on stderr and exits 2.
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("layer", type=int)
     n.add_argument("neuron", type=int)
     sub.add_parser("info", parents=[common], help="build facts and row counts")
+    from .importers import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -73,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from .db import open_database
 
+    if args.command == "import":
+        from .importers import run as run_import
+
+        return run_import(args)
     with open_database(args.db, model=args.model) as db:
         if args.command == "info":
             info = {"path": str(db.path), "meta": db.meta, "counts": db.counts()}
@@ -140,10 +149,11 @@ def _format_neuron(n: dict) -> str:
     if n["quantiles"]:
         lines.append("  quantiles: " + ", ".join(f"q={q:g}: {v:.3g}" for q, v in n["quantiles"].items()))
     for ex in n["exemplars"]:
-        acts = ex["acts"]
+        acts = ex["acts"] or []
         sign = ex["polarity"] or 1  # the most extreme token on the exemplar's side
         peak = max(range(len(acts)), key=lambda i: sign * acts[i]) if acts else -1
-        text = "".join(f"[[{t}]]" if i == peak else t for i, t in enumerate(ex["tokens"]))
+        text = ("".join(f"[[{t}]]" if i == peak else t for i, t in enumerate(ex["tokens"])) if ex["tokens"]
+                else ex["text"] or "")
         pol = f"{ex['polarity']:+d}" if ex["polarity"] else " 0"
         lines.append(f"  {pol} {ex['split']:<6} #{ex['rank']:<3} max={ex['max_act']:.3g} "
                      f"({ex['source']}) {_clip(text, 100)}")
@@ -151,7 +161,12 @@ def _format_neuron(n: dict) -> str:
 
 
 def _format_info(info: dict) -> str:
+    from .provenance import summary
+
     lines = [info["path"]]
+    note = summary(info["meta"])
+    if note:
+        lines.append(f"  {note}")
     lines += [f"  {k}: {_clip(v, 100)}" for k, v in sorted(info["meta"].items())]
     lines += ["  rows: " + ", ".join(f"{t}={c:,}" for t, c in info["counts"].items())]
     return "\n".join(lines)

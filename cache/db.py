@@ -30,7 +30,7 @@ from engine.errors import MonitorError
 from .codec import decode_acts
 from .key_map import KeyMap
 from .paths import EMBEDDED_NAME, build_command, db_path, model_for_slug, tmp_path
-from .schema import READER_META, SCHEMA_VERSION, TABLES
+from .schema import ABSENT_IN, COLUMNS, READABLE_VERSIONS, READER_META, SCHEMA_VERSION, TABLES
 from .vector_index import EmbeddingIndex
 
 RESULT_COLUMNS = ["layer", "neuron", "polarity", "description", "summary", "score", "similarity", "top_exemplar"]
@@ -48,6 +48,10 @@ def open_database(path: str | os.PathLike | None = None, read_only: bool = True,
     if not path.is_file():
         rebuild = _rebuild(path)
         if tmp_path(path).exists():
+            if _is_import(tmp_path(path)):
+                raise MonitorError(f"The import into {path.name} did not finish ({tmp_path(path).name} is left over "
+                                   f"in {path.parent}): unless it is still running, re-run the same `python -m cache "
+                                   "import …` command to resume it.")
             raise MonitorError(f"The neuron database build did not finish ({tmp_path(path).name} is left over "
                                f"in {path.parent}): unless a build is still running, re-run `{rebuild}` "
                                "to resume it.")
@@ -69,9 +73,22 @@ def open_database(path: str | os.PathLike | None = None, read_only: bool = True,
     return NeuronDB(path, conn, meta)
 
 
+def _is_import(tmp: Path) -> bool:
+    """Whether an unfinished ``.tmp`` is an import (it has the importers' progress table)."""
+    try:
+        with duckdb.connect(str(tmp), read_only=True) as conn:
+            return bool(conn.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = '_import_progress'")
+                        .fetchall()[0][0])
+    except duckdb.Error:  # locked by the running import, or unreadable: say the general thing
+        return False
+
+
 def _rebuild(path: Path, meta: dict[str, str] | None = None) -> str:
-    """The rebuild command for ``path``: model from meta when readable, else from the file name."""
+    """The rebuild command for ``path``: the recorded import command of an imported database,
+    else the build command for the model from meta when readable, else from the file name."""
     meta = meta or {}
+    if meta.get("import_command"):
+        return meta["import_command"]
     slug = meta.get("model_slug") or Path(path).name.split(".duckdb")[0]
     return build_command(model_for_slug(slug, meta.get("model_id")))
 
@@ -82,7 +99,7 @@ def _validate(conn: duckdb.DuckDBPyConnection, path: Path) -> dict[str, str]:
         tables = {r[0] for r in conn.execute(
             "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
             "AND schema_name = 'main'").fetchall()}
-        missing = [t for t in TABLES if t not in tables]
+        missing = [t for t in TABLES if t not in tables and t not in ABSENT_IN.get("1", ())]
         if missing:
             raise MonitorError(f"{path} is a DuckDB file but not a neuron database (missing tables: "
                                f"{', '.join(missing)}): move it away and build one with `{_rebuild(path)}`.")
@@ -97,9 +114,14 @@ def _validate(conn: duckdb.DuckDBPyConnection, path: Path) -> dict[str, str]:
     if missing:
         raise MonitorError(f"{path} is not a neuron database this code can read (meta lacks "
                            f"{', '.join(missing)}): rebuild it with `{rebuild}`.")
-    if meta["schema_version"] != SCHEMA_VERSION:
-        raise MonitorError(f"{path} has schema version {meta['schema_version']} but this code reads version "
-                           f"{SCHEMA_VERSION}: rebuild it with `{rebuild}`.")
+    version = meta["schema_version"]
+    if version not in READABLE_VERSIONS or (version != SCHEMA_VERSION and not _read_only(conn)):
+        raise MonitorError(f"{path} has schema version {version} but this code reads versions "
+                           f"{', '.join(READABLE_VERSIONS)} (and writes {SCHEMA_VERSION}): rebuild it with `{rebuild}`.")
+    missing = [t for t in TABLES if t not in tables and t not in ABSENT_IN.get(version, ())]
+    if missing:
+        raise MonitorError(f"{path} is damaged (schema version {version} but no {', '.join(missing)} table): "
+                           f"rebuild it with `{rebuild}`.")
     try:
         n_layers, n_neurons, dim = (int(meta[k]) for k in ("n_layers", "n_neurons", "embedding_dim"))
     except ValueError as err:
@@ -108,6 +130,12 @@ def _validate(conn: duckdb.DuckDBPyConnection, path: Path) -> dict[str, str]:
         raise MonitorError(f"{path} is inconsistent (embeddings.vec is {vec_type[0][0] if vec_type else 'missing'}, "
                            f"meta embedding_dim is {dim}): rebuild it with `{rebuild}`.")
     return meta
+
+
+def _read_only(conn: duckdb.DuckDBPyConnection) -> bool:
+    """Whether ``conn`` was opened read-only (an old-version file may only be read)."""
+    return bool(conn.execute("SELECT readonly FROM duckdb_databases() WHERE database_name = current_database()")
+                .fetchall()[0][0])
 
 
 class NeuronDB:
@@ -125,6 +153,8 @@ class NeuronDB:
         self._index: EmbeddingIndex | None = None
         self._quantiles: dict[float, np.ndarray] = {}
         self._stored_qs: list[float] | None = None
+        self.version = meta["schema_version"]
+        self.tables = tuple(t for t in TABLES if t not in ABSENT_IN.get(self.version, ()))
 
     # ------------------------------------------------------------------ basics
     def __enter__(self) -> "NeuronDB":
@@ -151,10 +181,22 @@ class NeuronDB:
     def rebuild_command(self) -> str:
         return _rebuild(self.path, self.meta)
 
+    @property
+    def imported(self) -> bool:
+        """Whether the rows came from another publisher's database (meta ``source``)."""
+        return "source" in self.meta
+
+    @property
+    def engine_model(self) -> str | None:
+        """The ``--model`` the engine loads for live traces: meta ``engine_model`` (``''`` in the
+        file means none can, e.g. GPT-2 XL: then None), else the built model's ``model_id``."""
+        value = self.meta.get("engine_model", self.meta["model_id"])
+        return value or None
+
     def counts(self) -> dict[str, int]:
-        """Rows per table."""
+        """Rows per table (a version-1 file has no scores table and leaves it out)."""
         with self.cursor() as cur:
-            return {t: int(cur.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in TABLES}
+            return {t: int(cur.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in self.tables}
 
     @property
     def keys(self) -> KeyMap:
@@ -288,15 +330,18 @@ class NeuronDB:
         """Everything stored about one neuron.
 
         Returns {layer, neuron, promotes, suppresses, descriptions: {±1: {text, summary, score,
-        explainer}}, quantiles: {q: value}, exemplars: [{polarity, split, rank, seq_id, source,
-        max_act, tokens, acts}]}; acts are decoded as ``code · scale / 127``. Exemplars come
-        positive first, then negative, then random; train before test; by rank.
+        explainer, scorer}}, quantiles: {q: value}, exemplars: [{polarity, split, rank, seq_id,
+        source, max_act, text, tokens, acts}]}; acts are decoded as ``code · scale / 127``, or None
+        when the exemplar has none (an import of text and peak value only, whose tokens are []).
+        ``scorer`` names what ``score`` is (meta ``scorer`` for a version-1 file). Exemplars come
+        positive first, then negative, then random; train and source before test; by rank.
         """
         layer, neuron = self.check_neuron(layer, neuron)
         key = [layer, neuron]
         with self.cursor() as cur:
             out = cur.execute("SELECT promotes, suppresses FROM neurons WHERE layer = ? AND neuron = ?", key).fetchall()
-            descs = cur.execute("SELECT polarity, text, summary, score, explainer FROM descriptions "
+            scorer = "score_scorer" if "scores" in self.tables else "CAST(NULL AS VARCHAR)"
+            descs = cur.execute(f"SELECT polarity, text, summary, score, explainer, {scorer} FROM descriptions "
                                 "WHERE layer = ? AND neuron = ? ORDER BY polarity DESC", key).fetchall()
             quants = cur.execute("SELECT q, value FROM quantiles WHERE layer = ? AND neuron = ? ORDER BY q",
                                  key).fetchall()
@@ -304,26 +349,42 @@ class NeuronDB:
                 "SELECT polarity, split, rank, seq_id, max_act, scale, acts FROM exemplars "
                 "WHERE layer = ? AND neuron = ? "
                 "ORDER BY CASE polarity WHEN 1 THEN 0 WHEN -1 THEN 1 ELSE 2 END, "
-                "CASE split WHEN 'train' THEN 0 WHEN 'test' THEN 1 ELSE 2 END, rank", key).fetchall()
+                "CASE split WHEN 'train' THEN 0 WHEN 'source' THEN 0 WHEN 'test' THEN 1 ELSE 2 END, rank",
+                key).fetchall()
             seq_rowid = self.keys.seq_rowid([r[3] for r in exs])  # [m]
-            seqs = _by_rowid(cur, "SELECT rowid, source, tokens FROM sequences", seq_rowid)
+            seqs = _by_rowid(cur, "SELECT rowid, source, text, tokens FROM sequences", seq_rowid)
         promotes, suppresses = out[0] if out else ([], [])
         exemplars = []
         for (pol, split, rank, seq_id, max_act, scale, codes), rid in zip(exs, seq_rowid.tolist()):
-            source, tokens = (seqs.at[rid, "source"], seqs.at[rid, "tokens"]) if rid in seqs.index else (None, None)
+            source, text, tokens = ((seqs.at[rid, "source"], seqs.at[rid, "text"], seqs.at[rid, "tokens"])
+                                    if rid in seqs.index else (None, None, None))
             exemplars.append({
                 "polarity": int(pol), "split": split, "rank": int(rank), "seq_id": int(seq_id), "source": source,
-                "max_act": float(max_act), "tokens": [] if tokens is None else [str(t) for t in tokens],
-                "acts": decode_acts(np.asarray(codes, dtype=np.int8), scale).tolist(),
+                "max_act": float(max_act), "text": text, "tokens": [] if tokens is None else [str(t) for t in tokens],
+                "acts": None if codes is None else decode_acts(np.asarray(codes, dtype=np.int8), scale).tolist(),
             })
         return {
             "layer": layer, "neuron": neuron,
             "promotes": list(promotes or []), "suppresses": list(suppresses or []),
             "descriptions": {int(p): {"text": t, "summary": s, "score": None if sc is None else float(sc),
-                                      "explainer": e} for p, t, s, sc, e in descs},
+                                      "explainer": e,
+                                      "scorer": ssc or (self.meta.get("scorer") if sc is not None else None)}
+                             for p, t, s, sc, e, ssc in descs},
             "quantiles": {float(q): float(v) for q, v in quants},
             "exemplars": exemplars,
         }
+
+    def scores_for(self, layer: int, neuron: int) -> pd.DataFrame:
+        """Every score of the neuron's descriptions (both polarities), one row per (polarity, scorer),
+        positive polarity first, then by scorer. Columns: the scores table's. Empty for a
+        version-1 file, which has no scores table."""
+        layer, neuron = self.check_neuron(layer, neuron)
+        cols = list(COLUMNS["scores"])
+        if "scores" not in self.tables:
+            return pd.DataFrame({c: [] for c in cols})
+        with self.cursor() as cur:
+            return cur.execute(f"SELECT {', '.join(cols)} FROM scores WHERE layer = ? AND neuron = ? "
+                               "ORDER BY polarity DESC, scorer", [layer, neuron]).df()
 
     def stored_quantiles(self) -> list[float]:
         """The distinct q values in ``quantiles``, ascending."""
@@ -333,11 +394,14 @@ class NeuronDB:
                                    .fetchall()]
         return self._stored_qs
 
-    def nearest_quantile(self, q: float) -> float:
-        """The stored q closest to ``q`` in absolute difference, argmin_s |s − q|.
+    def nearest_quantile(self, q: float) -> float | None:
+        """The stored q closest to ``q`` on the same tail, argmin_s |s − q| over the stored s on
+        ``q``'s side of the median (s ≥ 0.5 for q ≥ 0.5, else s < 0.5); None when that tail has none.
 
         Tail quantiles not stored snap to the nearest stored one: 1 − 1e-7 → 1 (the max) and
-        1e-7 → 0 (the min) with the default set {0, 1e-5, 1e-4, 1e-3, 1 − 1e-3, …, 1}.
+        1e-7 → 0 (the min) with the default set {0, 1e-5, 1e-4, 1e-3, 1 − 1e-3, …, 1}. An import
+        that published only the max (q = 1) has no lower tail: its negative side is unknown, not
+        the max.
         """
         stored = self.stored_quantiles()
         if not stored:
@@ -345,13 +409,19 @@ class NeuronDB:
         q = float(q)
         if not 0.0 <= q <= 1.0:
             raise MonitorError(f"Quantile {q} is outside [0, 1].")
-        return min(stored, key=lambda s: abs(s - q))
+        side = [s for s in stored if (s >= 0.5) == (q >= 0.5)]
+        return min(side, key=lambda s: abs(s - q)) if side else None
 
     def quantile_table(self, q: float) -> np.ndarray:
         """float32 [n_layers, n_neurons] of each neuron's activation quantile at
-        :meth:`nearest_quantile` (q); NaN for neurons without one. Cached; read-only."""
+        :meth:`nearest_quantile` (q); NaN for neurons without one, and everywhere when the tail
+        has no stored quantile. Cached; read-only."""
         q = self.nearest_quantile(q)
         table = self._quantiles.get(q)
+        if q is None and table is None:
+            table = np.full((self.n_layers, self.n_neurons), np.nan, np.float32)  # [layers, neurons]
+            table.setflags(write=False)
+            self._quantiles[q] = table
         if table is None:
             with self.cursor() as cur:
                 rows = cur.execute("SELECT layer, neuron, value FROM quantiles WHERE q = ?", [q]).fetchnumpy()

@@ -64,7 +64,7 @@ def model_id(name: str | os.PathLike | None = None) -> str:
     """What to record as meta ``embedding_model``: the hub id for the default, else the folder."""
     path = resolve_model(name)
     try:
-        if path == default_model_dir().resolve():
+        if path.resolve() == default_model_dir().resolve():
             return DEFAULT_MODEL_ID
     except MonitorError:
         pass

@@ -7,7 +7,8 @@ one pass at open time records, for every key code
 
     code = (layer · n_neurons + neuron) · 2 + (polarity < 0)      ∈ [0, n_layers · n_neurons · 2)
 
-the rowid of its description and of its top exemplar's sequence. A lookup is then
+the rowid of its description and of its top exemplar's sequence (rank 0 of split train, or of split
+source in an import). A lookup is then
 ``WHERE rowid IN (SELECT unnest(?))``, which DuckDB answers by fetching just those rows.
 Rowids are stable because the database is written once and opened read-only.
 """
@@ -62,7 +63,7 @@ class KeyMap:
         seq_rowids = np.asarray(s["rowid"], np.int64)
 
         x = cur.sql("SELECT layer, neuron, polarity, seq_id FROM exemplars "
-                    "WHERE split = 'train' AND rank = 0").fetchnumpy()
+                    "WHERE split IN ('train', 'source') AND rank = 0").fetchnumpy()
         codes, ok = cls._valid(x, n_layers, n_neurons)
         rowids = _lookup(seq_ids, seq_rowids, np.asarray(x["seq_id"], np.int64))
         top_seq_rowid[codes[ok]] = rowids[ok]

@@ -11,16 +11,29 @@ from pathlib import Path
 
 SCHEMA_FILE = Path(__file__).with_name("schema.sql")
 
-# Bump when a table or column changes meaning; readers refuse other versions.
-SCHEMA_VERSION = "1"
+# Bump when a table or column changes meaning; readers refuse versions not in READABLE_VERSIONS.
+# 2: the scores table, descriptions.score_scorer, nullable exemplars.acts/scale, split 'source'.
+SCHEMA_VERSION = "2"
 
-TABLES = ("meta", "neurons", "sequences", "descriptions", "embeddings", "exemplars", "quantiles")
+TABLES = ("meta", "neurons", "sequences", "descriptions", "embeddings", "exemplars", "quantiles", "scores")
+
+# Versions a reader opens (read-only), and the tables each lacks: a version-1 file has no
+# scores table and no descriptions.score_scorer, and is read as if both were empty.
+READABLE_VERSIONS = ("1", "2")
+ABSENT_IN = {"1": ("scores",)}
 
 # Every key a finished build must carry (DatabaseWriter.finish checks them).
 REQUIRED_META = (
     "schema_version", "model_id", "model_slug", "n_layers", "n_neurons", "seq_len", "n_sequences",
     "n_tokens", "corpus_sources", "corpus_hash", "explainer", "scorer", "embedding_model",
     "embedding_dim", "versions", "build_time",
+)
+
+# What an imported database carries instead of the corpus keys (see schema.sql).
+IMPORTED_META = (
+    "schema_version", "model_id", "model_slug", "n_layers", "n_neurons", "explainer", "scorer",
+    "embedding_model", "embedding_dim", "versions", "build_time", "source", "lacks", "engine_model",
+    "live_note", "import_command",
 )
 
 # The keys a reader needs to work at all (NeuronDB refuses a file without them).
@@ -30,10 +43,11 @@ READER_META = ("schema_version", "model_id", "n_layers", "n_neurons", "embedding
 COLUMNS = {
     "neurons": ("layer", "neuron", "promotes", "suppresses"),
     "sequences": ("seq_id", "source", "text", "tokens"),
-    "descriptions": ("layer", "neuron", "polarity", "text", "summary", "score", "explainer"),
+    "descriptions": ("layer", "neuron", "polarity", "text", "summary", "score", "explainer", "score_scorer"),
     "embeddings": ("layer", "neuron", "polarity", "vec"),
     "exemplars": ("layer", "neuron", "polarity", "split", "rank", "seq_id", "max_act", "scale", "acts"),
     "quantiles": ("layer", "neuron", "q", "value"),
+    "scores": ("layer", "neuron", "polarity", "scorer", "version", "value", "split", "n", "detail"),
 }
 
 # The rows of each table are inserted in this order, so DuckDB's per-row-group min/max
@@ -45,7 +59,11 @@ SORT_KEYS = {
     "embeddings": ("layer", "neuron", "polarity"),
     "exemplars": ("layer", "neuron", "polarity", "split", "rank"),
     "quantiles": ("layer", "neuron", "q"),
+    "scores": ("layer", "neuron", "polarity", "scorer"),
 }
+
+# Where a score was measured (scores.split).
+SCORE_SPLITS = ("test", "train", "source")
 
 _VEC_TYPE = re.compile(r"(\bvec\s+FLOAT)\[\d+\]")
 

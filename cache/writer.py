@@ -13,6 +13,10 @@ ORDER BY key``: no Python loop over rows. Batches may be written in several call
 example one per layer); writing them in key order keeps each table sorted, so DuckDB's
 zone maps make single-neuron lookups cheap.
 
+An importer (:mod:`cache.importers`) passes ``resume=True``: an existing ``.tmp`` is then
+kept and written on, each batch inside :meth:`DatabaseWriter.transaction` together with
+its progress marker, so a killed import loses at most the batch it was writing.
+
 Usage::
 
     with DatabaseWriter(db_path("embedded"), embedding_dim=384) as w:
@@ -24,6 +28,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from datetime import datetime, timezone
@@ -37,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .paths import tmp_path
-from .schema import COLUMNS, REQUIRED_META, SCHEMA_VERSION, SORT_KEYS, schema_sql
+from .schema import COLUMNS, IMPORTED_META, REQUIRED_META, SCHEMA_VERSION, SCORE_SPLITS, SORT_KEYS, schema_sql
 
 _STR_LIST = pa.list_(pa.string())
 
@@ -49,15 +54,22 @@ ARROW_SCHEMAS: dict[str, pa.Schema] = {
                             ("tokens", _STR_LIST)]),
     "descriptions": pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("polarity", pa.int8()),
                                ("text", pa.string()), ("summary", pa.string()), ("score", pa.float64()),
-                               ("explainer", pa.string())]),
+                               ("explainer", pa.string()), ("score_scorer", pa.string())]),
     "exemplars": pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("polarity", pa.int8()),
                             ("split", pa.string()), ("rank", pa.int32()), ("seq_id", pa.int32()),
                             ("max_act", pa.float32()), ("scale", pa.float32()), ("acts", pa.list_(pa.int8()))]),
     "quantiles": pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("q", pa.float64()),
                             ("value", pa.float32())]),
+    "scores": pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("polarity", pa.int8()),
+                         ("scorer", pa.string()), ("version", pa.string()), ("value", pa.float64()),
+                         ("split", pa.string()), ("n", pa.int32()), ("detail", pa.string())]),
 }
 
-EXEMPLAR_SPLITS = ("train", "test", "random")
+# Columns a batch may leave out; they are written as NULL (schema version 2 added them).
+OPTIONAL_COLUMNS = {"descriptions": ("score_scorer",)}
+
+# 'source': an imported top exemplar, as published (the publisher's train/test split is unknown).
+EXEMPLAR_SPLITS = ("train", "test", "random", "source")
 
 Batch = pd.DataFrame | pa.Table
 
@@ -65,13 +77,15 @@ Batch = pd.DataFrame | pa.Table
 class DatabaseWriter:
     """Builds one neuron database file; see the module docstring for the protocol."""
 
-    def __init__(self, path: str | os.PathLike, embedding_dim: int):
+    def __init__(self, path: str | os.PathLike, embedding_dim: int, resume: bool = False):
         self.path = Path(path)
         self.tmp = tmp_path(self.path)
         self.embedding_dim = int(embedding_dim)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in (self.tmp, self.tmp.with_name(self.tmp.name + ".wal")):
-            stale.unlink(missing_ok=True)
+        self.resumed = resume and self.tmp.exists()
+        if not self.resumed:
+            for stale in (self.tmp, self.tmp.with_name(self.tmp.name + ".wal")):
+                stale.unlink(missing_ok=True)
         self._conn: duckdb.DuckDBPyConnection | None = duckdb.connect(str(self.tmp))
         self._conn.execute(schema_sql(self.embedding_dim))
         self._n_batches = 0
@@ -94,6 +108,19 @@ class DatabaseWriter:
             raise RuntimeError(f"DatabaseWriter for {self.path} is already finished or closed")
         return self._conn
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """Everything written inside the block commits together, or not at all (an exception,
+        or a kill, rolls the block back)."""
+        conn = self.conn
+        conn.begin()
+        try:
+            yield self
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
     def close(self) -> None:
         """Close without publishing: ``path`` is untouched and the ``.tmp`` file stays."""
         if self._conn is not None:
@@ -107,7 +134,8 @@ class DatabaseWriter:
         if "build_time" not in meta:
             self.write_meta({"build_time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             meta["build_time"] = "set"
-        missing = [k for k in REQUIRED_META if k not in meta]
+        required = IMPORTED_META if "source" in meta else REQUIRED_META
+        missing = [k for k in required if k not in meta]
         if missing:
             raise ValueError(f"cannot finish {self.path.name}: meta keys missing: {', '.join(missing)}")
         conn.execute("CHECKPOINT")
@@ -133,7 +161,8 @@ class DatabaseWriter:
         self._insert("sequences", df)
 
     def write_descriptions(self, df: Batch) -> None:
-        """Rows ``layer, neuron, polarity (±1), text, summary, score (NaN/None = unscored), explainer``."""
+        """Rows ``layer, neuron, polarity (±1), text, summary, score (NaN/None = unscored), explainer,
+        score_scorer`` (the ``scores.scorer`` that ``score`` is; None when unscored)."""
         table = self._arrow("descriptions", df)
         _check_polarity(table, (1, -1), "descriptions")
         self._insert_arrow("descriptions", table)
@@ -141,8 +170,9 @@ class DatabaseWriter:
     def write_exemplars(self, df: Batch) -> None:
         """Rows ``layer, neuron, polarity, split, rank, seq_id, max_act, scale, acts: int8 codes``.
 
-        ``acts`` and ``scale`` come from :func:`cache.codec.encode_acts`. ``polarity`` is ±1
-        for ``split`` in {train, test} and 0 for ``split == 'random'``.
+        ``acts`` and ``scale`` come from :func:`cache.codec.encode_acts`, or are both None for an
+        imported exemplar without per-token activations. ``polarity`` is ±1 for ``split`` in
+        {train, test, source} and 0 for ``split == 'random'``.
         """
         table = self._arrow("exemplars", df)
         _check_polarity(table, (1, -1, 0), "exemplars")
@@ -153,7 +183,20 @@ class DatabaseWriter:
         is_random = pc.equal(table.column("split"), "random").to_numpy(zero_copy_only=False)
         if np.any((pol == 0) != is_random):
             raise ValueError("exemplars: polarity must be 0 exactly for split 'random'")
+        if not pc.equal(pc.is_null(table.column("acts")), pc.is_null(table.column("scale"))).to_numpy(
+                zero_copy_only=False).all():
+            raise ValueError("exemplars: acts and scale must be both given or both None")
         self._insert_arrow("exemplars", table)
+
+    def write_scores(self, df: Batch) -> None:
+        """Rows ``layer, neuron, polarity (±1), scorer, version, value (NaN/None = no prediction),
+        split ('test' | 'train' | 'source'), n (None = unknown), detail (JSON or None)``."""
+        table = self._arrow("scores", df)
+        _check_polarity(table, (1, -1), "scores")
+        splits = set(table.column("split").unique().to_pylist())
+        if not splits <= set(SCORE_SPLITS):
+            raise ValueError(f"scores: unknown split(s) {sorted(map(str, splits - set(SCORE_SPLITS)))}")
+        self._insert_arrow("scores", table)
 
     def write_quantiles(self, df: Batch) -> None:
         """Rows ``layer, neuron, q, value`` (q in [0, 1]; 0 and 1 are the min and max)."""
@@ -190,6 +233,11 @@ class DatabaseWriter:
         """The batch as an Arrow table with exactly the table's columns and types."""
         schema = ARROW_SCHEMAS[name]
         have = list(df.column_names if isinstance(df, pa.Table) else df.columns)
+        for col in OPTIONAL_COLUMNS.get(name, ()):
+            if col not in have:
+                df = (df.append_column(col, pa.nulls(len(df), schema.field(col).type)) if isinstance(df, pa.Table)
+                      else df.assign(**{col: None}))
+                have.append(col)
         missing = [c for c in schema.names if c not in have]
         extra = [c for c in have if c not in schema.names]
         if missing or extra:

@@ -79,6 +79,12 @@ def token_spans(tokens: Sequence[str], values: Sequence[float] | None = None, sc
     return f'{_STYLE}{head}<div class="mon-toks">{"".join(parts)}</div>'
 
 
+def plain_text(text: str, meta: str | None = None) -> str:
+    """A text without per-token values (an imported exemplar), in the tokens' box, escaped."""
+    head = f'<div class="mon-meta">{html.escape(meta)}</div>' if meta else ""
+    return f'{_STYLE}{head}<div class="mon-toks mon-plain">{html.escape(str(text or ""))}</div>'
+
+
 def chips(items: Sequence[str], title: str | None = None) -> str:
     """Tokens as small rounded chips (promoted/suppressed tokens)."""
     body = "".join(f'<span class="mon-chip">{html.escape(repr(str(t))[1:-1])}</span>' for t in items)

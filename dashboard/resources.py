@@ -245,6 +245,7 @@ class Resources:
     dbr: DBResource
     mismatch: str | None = None
     extra: dict = field(default_factory=dict)
+    browse_only: str | None = None  # why live features are off: the database's model is not one the engine runs
 
     @property
     def lm(self):
@@ -256,9 +257,33 @@ class Resources:
         return None if self.mismatch else self.dbr.db
 
 
+def browse_only_note(db) -> str | None:
+    """Why live features are off for ``db``, or None when its model is one the engine can run.
+
+    An imported database records the model the engine should load (meta ``engine_model``);
+    empty means none can (GPT-2 XL is not a Llama), and meta ``live_note`` says why."""
+    if db is None or db.engine_model is not None:
+        return None
+    note = db.meta.get("live_note") or "the engine cannot run this database's model."
+    return f"This database ({db.model_id}) is for browsing only: {note}"
+
+
 def resources(load_model: bool = True) -> Resources:
+    """The page's resources. The model is not loaded for a browse-only database: its
+    ``ModelResource.error`` and ``Resources.browse_only`` then say why."""
     cfg = get_config()
-    model = get_model(cfg) if load_model else ModelResource(error="not loaded on this page")
     dbr = get_db(cfg)
+    browse_only = browse_only_note(dbr.db)
+    if browse_only:
+        model = ModelResource(error=browse_only)
+    else:
+        model = get_model(cfg) if load_model else ModelResource(error="not loaded on this page")
     mismatch = db_model_mismatch(model.lm, dbr.db)
-    return Resources(cfg, model, dbr, mismatch)
+    return Resources(cfg, model, dbr, mismatch, browse_only=browse_only)
+
+
+def import_note(db) -> str | None:
+    """One line on where an imported database's rows came from and what it lacks (None if built here)."""
+    from cache.provenance import summary
+
+    return summary(db.meta) if db is not None else None

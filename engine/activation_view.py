@@ -27,6 +27,7 @@ Nothing here knows the database: the quantile tables are passed in as arrays.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -55,7 +56,8 @@ def quantile_scales(q_high: np.ndarray, q_low: np.ndarray, rel_floor: float = RE
         s = table.copy()  # [layers, neurons]
         known = np.isfinite(s)
         pos = np.where(known & (s > 0), s, np.nan)
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a tail with no quantile at all (an import): all NaN
             med = np.nanmedian(pos, axis=1) if pos.size else np.zeros(0)
         med = np.where(np.isfinite(med), med, 0.0)
         floor = np.maximum(abs_floor, rel_floor * med)[:, None]  # [layers, 1]

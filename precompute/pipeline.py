@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.errors import MonitorError
+from engine.kill_points import kill_point
 from engine.loader import data_dir, model_slug
 
 from .collect import Collector, extremes_needed
@@ -94,9 +94,7 @@ class BuildConfig:
 
 def _maybe_die(stage: str, step: int) -> None:
     """Test hook: ``PRECOMPUTE_KILL_AT=stage:step`` SIGKILLs this process at that step."""
-    spec = os.environ.get("PRECOMPUTE_KILL_AT")
-    if spec and spec == f"{stage}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    kill_point("PRECOMPUTE_KILL_AT", stage, step)
 
 
 def _write_parquet(df: pd.DataFrame | pa.Table, path: Path) -> None:
@@ -440,6 +438,7 @@ class Build:
         """Stage 7: write the DuckDB database under a temporary name, then rename it."""
         from cache.codec import encode_acts
         from cache.embedder import model_id as embedder_id
+        from cache.schema import SCHEMA_VERSION
         from cache.writer import DatabaseWriter
 
         from .describe import EXPLAINER_ID
@@ -461,7 +460,7 @@ class Build:
         try:
             info = json.loads((self.root / "corpus.done").read_text())
             w.write_meta({
-                "schema_version": "1",
+                "schema_version": SCHEMA_VERSION,
                 "model_id": cfg.model,
                 "model_source": str(lm.source),
                 "model_slug": cfg.slug,
@@ -491,7 +490,10 @@ class Build:
             w.write_sequences(pd.DataFrame({"seq_id": np.arange(len(corpus), dtype=np.int32), "source": corpus.sources,
                                             "text": corpus.texts, "tokens": corpus.tokens}))
             bar.update(1)
-            w.write_descriptions(desc[["layer", "neuron", "polarity", "text", "summary", "score", "explainer"]])
+            scorer = self.stage_info("scores").get("scorer", SCORER_ID)
+            desc["score_scorer"] = np.where(desc["score"].notna(), scorer, None)
+            w.write_descriptions(desc[["layer", "neuron", "polarity", "text", "summary", "score", "explainer",
+                                       "score_scorer"]])
             bar.update(1)
             w.write_embeddings(desc.layer.values, desc.neuron.values, desc.polarity.values, vecs)
             bar.update(1)

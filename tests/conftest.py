@@ -118,3 +118,42 @@ def bigram_lm(tmp_path_factory):
     from .bigram import build
 
     return load_model(str(build(tmp_path_factory.mktemp("bigram") / "model")))
+
+
+# --------------------------------------------------------------------------- imported databases
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL 15 server in a temporary folder (tests/postgres_server.py)."""
+    from tests.postgres_server import PostgresServer
+
+    with PostgresServer() as pg:
+        yield pg
+
+
+def new_pg_database(pg, name: str) -> str:
+    """Create database ``name`` on ``pg``; its DSN."""
+    import psycopg
+
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return pg.dsn.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="session")
+def tiny_transluce(pg_server, tiny_llama_dir, tmp_path_factory):
+    """A Transluce NeuronDB of the tiny Llama (3 layers × 96 neurons, with every quirk), imported.
+
+    Returns (database path, the source rows by table, the model id)."""
+    import psycopg
+
+    from cache.__main__ import main
+    from tests.postgres_server import create_transluce_tables, fill_transluce
+
+    model = str(tiny_llama_dir)
+    dsn = new_pg_database(pg_server, "tiny")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        create_transluce_tables(conn)
+        rows = fill_transluce(conn, model, 3, 96, exemplars=3, dim=16)
+    out = tmp_path_factory.mktemp("tiny-transluce") / "tiny-llama.duckdb"
+    assert main(["import", "transluce", "--dsn", dsn, "--model", model, "--out", str(out)]) == 0
+    return out, rows, model

@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 from cache.codec import decode_acts, encode_acts  # noqa: E402
 from cache.db import RESULT_COLUMNS, open_database  # noqa: E402
 from cache.paths import tmp_path as build_tmp  # noqa: E402
-from cache.schema import REQUIRED_META  # noqa: E402
+from cache.schema import COLUMNS, REQUIRED_META, SCHEMA_VERSION  # noqa: E402
 from cache.writer import DatabaseWriter  # noqa: E402
 from engine.errors import MonitorError  # noqa: E402
 
@@ -166,7 +166,7 @@ def test_vectors_stored_normalised_with_real_dim(db, synth):
                             "max(sqrt(list_dot_product(vec::FLOAT[], vec::FLOAT[]))) FROM embeddings").fetchall()[0]
     assert typ == f"FLOAT[{D}]"
     assert abs(norms[0] - 1) < 1e-5 and abs(norms[1] - 1) < 1e-5
-    assert db.meta["schema_version"] == "1" and db.meta["embedding_dim"] == str(D)
+    assert db.meta["schema_version"] == SCHEMA_VERSION == "2" and db.meta["embedding_dim"] == str(D)
     assert np.allclose(db.embedding(1, 3, -1), synth.unit[synth.keys.index((1, 3, -1))], atol=1e-6)
 
 
@@ -397,6 +397,46 @@ def test_schema_version_mismatch(tmp_path, synth):
     with pytest.raises(MonitorError, match="schema version 0") as err:
         open_database(path)
     assert_rebuild_hint(err, "test/model")
+
+
+def test_version_1_file_opens_read_only_without_scores(tmp_path, synth):
+    """A database written before schema 2 (no scores table, no descriptions.score_scorer) still reads."""
+    path = tmp_path / "v1.duckdb"
+    w = synth.write(path, finish=False, scorer="offline-token-match-v1")
+    w.conn.execute("DROP TABLE scores")
+    w.conn.execute("ALTER TABLE descriptions DROP COLUMN score_scorer")
+    w.write_meta({"schema_version": "1"})
+    w.finish()
+    with open_database(path) as old:
+        assert old.version == "1" and "scores" not in old.counts()
+        assert old.counts()["descriptions"] == len(synth.keys)
+        empty = old.scores_for(1, 3)
+        assert empty.empty and list(empty.columns) == list(COLUMNS["scores"])
+        scored = next(k for k, s in zip(synth.keys, synth.score) if not np.isnan(s))
+        d = old.neuron(scored[0], scored[1])["descriptions"][scored[2]]
+        assert d["scorer"] == "offline-token-match-v1" and d["score"] == pytest.approx(
+            synth.score[synth.keys.index(scored)])
+        assert len(old.semantic_search(synth.unit[0], k=3)) == 3
+    with pytest.raises(MonitorError, match="schema version 1"):
+        open_database(path, read_only=False)
+
+
+def test_scores_table_round_trip(tmp_path, synth):
+    path = tmp_path / "v2.duckdb"
+    w = synth.write(path, finish=False)
+    rows = pd.DataFrame({"layer": [1, 1, 1], "neuron": [3, 3, 3], "polarity": [1, 1, -1],
+                         "scorer": ["b-scorer", "a-scorer", "a-scorer"], "version": ["2", "1", "1"],
+                         "value": [0.5, np.nan, -0.25], "split": ["test", "source", "train"], "n": [40, None, 7],
+                         "detail": ['{"source": "x"}', None, None]})
+    w.write_scores(rows)
+    with pytest.raises(ValueError, match="unknown split"):
+        w.write_scores(rows.assign(split="held-out"))
+    w.finish()
+    with open_database(path) as db2:
+        got = db2.scores_for(1, 3)
+        assert list(got["scorer"]) == ["a-scorer", "b-scorer", "a-scorer"]  # +1 first, then by scorer
+        assert list(got["polarity"]) == [1, 1, -1] and got["value"].isna().tolist() == [True, False, False]
+        assert got["n"].tolist()[1:] == [40, 7] and db2.scores_for(0, 0).empty
 
 
 # ---------------------------------------------------------------- CLI

@@ -6,11 +6,16 @@ page from the trace (same session, so it shows the live activation) and saves sc
 under ``test-output/``. Then two more browser contexts chat at the same time against the
 one server (one model, one read-only database) and each sees only its own conversation.
 
+A third test opens a Transluce NeuronDB imported from a real PostgreSQL (``tiny_transluce``):
+its neuron page shows the text-only exemplars and says what the import lacks, and its search
+finds the re-embedded summaries.
+
 Nothing is skipped: without ``/usr/bin/chromium`` the test fails and says to run ``make browser``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -42,15 +47,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(embedded_db, tmp_path_factory):
+@contextlib.contextmanager
+def streamlit_server(env_overrides: dict, log_dir: Path):
+    """The real Streamlit server on a free port with ``env_overrides``; yields its URL."""
     if not CHROMIUM.exists():
         pytest.fail(f"Debian's chromium is not installed at {CHROMIUM}: run `make browser` "
                     "(apt-get install chromium) and rerun the tests.")
     port = _free_port()
-    log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    env = {**os.environ, "MONITOR_MODEL": "embedded", "MONITOR_DB": str(embedded_db), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = log_dir / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **env_overrides}
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.port", str(port),
@@ -80,6 +86,22 @@ def server(embedded_db, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(embedded_db, tmp_path_factory):
+    with streamlit_server({"MONITOR_MODEL": "embedded", "MONITOR_DB": str(embedded_db)},
+                          tmp_path_factory.mktemp("streamlit")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def imported_server(tiny_transluce, tmp_path_factory):
+    """The dashboard on a Transluce NeuronDB imported from a real PostgreSQL (the tiny Llama's)."""
+    path, _rows, model = tiny_transluce
+    with streamlit_server({"MONITOR_MODEL": model, "MONITOR_DB": str(path)},
+                          tmp_path_factory.mktemp("streamlit-imported")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +228,40 @@ def test_two_browser_sessions_at_once(server, browser):
     assert not pa.locator('[data-testid="stException"]').count() and not pb.locator('[data-testid="stException"]').count()
     a.close()
     b.close()
+
+
+def _settled(page) -> None:
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=TURN_MS)
+
+
+def test_imported_database_neuron_page_and_search_in_a_real_browser(imported_server, browser, tiny_transluce):
+    OUT.mkdir(exist_ok=True)
+    _path, rows, model = tiny_transluce
+    context = browser.new_context(viewport={"width": 1440, "height": 2200})
+    page = context.new_page()
+    page.set_default_timeout(TURN_MS)
+    page.goto(imported_server + "/neuron?layer=1&neuron=5")
+    page.get_by_text("Layer 1 · neuron 5").wait_for()
+    page.get_by_text("Imported from Transluce NeuronDB", exact=False).first.wait_for()
+    page.get_by_text("No per-token activations in this database", exact=False).first.wait_for()
+    _settled(page)
+    page.wait_for_timeout(1000)
+    plain = page.locator(".mon-plain")
+    expected = [r[3] for r in rows["exemplars"] if r[1] == f"{model}_1_5_None"]
+    assert plain.count() == len(expected) == 6
+    shown = "\n".join(plain.nth(i).inner_text() for i in range(plain.count()))
+    assert all(t.splitlines()[0] in shown for t in expected)
+    assert page.get_by_text("explainer").count() >= 1
+    assert not page.locator('[data-testid="stException"]').count()
+    page.screenshot(path=str(OUT / "e2e-imported-neuron.png"), full_page=True)
+
+    page.goto(imported_server + "/browse?q=Bible%20verses")
+    page.get_by_text("results for", exact=False).first.wait_for()
+    page.locator('[data-testid="stDataFrame"]').first.wait_for()
+    _settled(page)
+    assert "50" in page.get_by_text("results for", exact=False).first.inner_text()
+    assert page.get_by_text("Imported from Transluce NeuronDB", exact=False).count() >= 1
+    assert not page.locator('[data-testid="stException"]').count()
+    page.screenshot(path=str(OUT / "e2e-imported-browse.png"), full_page=True)
+    assert (OUT / "e2e-imported-browse.png").stat().st_size > 10_000
+    context.close()

@@ -52,11 +52,16 @@ else:
               help=None if described is None else ", ".join(map(str, described)))
     built = meta.get("build_time", "?")
     m4.metric("built", built.split("T")[0], help=f"build_time {built}")
+    from cache.provenance import lacks_sentences, source_info
+
+    source = source_info(meta) or {}
     rows = [("explainer", meta.get("explainer")), ("scorer", meta.get("scorer")),
-            ("embedding model", meta.get("embedding_model")), ("sequences × tokens",
-                                                               f"{meta.get('n_sequences')} × {meta.get('seq_len')}"),
+            ("embedding model", meta.get("embedding_model")),
+            ("sequences × tokens", f"{meta.get('n_sequences')} × {meta.get('seq_len')}" if "seq_len" in meta else None),
             ("corpus profile", meta.get("corpus_profile")), ("schema version", meta.get("schema_version")),
-            ("file", str(db.path))]
+            ("imported from", source.get("format")), ("source location", source.get("location")),
+            ("source licence", source.get("licence")), ("lacks", "; ".join(lacks_sentences(meta)) or None),
+            ("re-import with", meta.get("import_command")), ("file", str(db.path))]
     if described is not None:
         rows.append(("described layers", ", ".join(map(str, described))))
     st.dataframe(pd.DataFrame([(k, str(v)) for k, v in rows if v is not None], columns=["", "value"]),

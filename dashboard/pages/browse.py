@@ -34,6 +34,9 @@ if db is None:
     st.code(resources.build_command(res.cfg.model), language="bash")
     st.stop()
 
+imported = resources.import_note(db)
+if imported:
+    st.info(imported, icon=":material/input:")
 L = db.n_layers
 DEFAULTS = {"q": "", "mode": MODES[0], "layers": (0, L - 1), "pol": POLARITIES[0], "min_score": NO_MIN, "k": DEFAULT_K}
 

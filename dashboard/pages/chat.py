@@ -104,9 +104,12 @@ st.caption("Chat with the model, pick a token, and see which MLP neurons fire be
            "or push that token — joined with the neuron database's descriptions.")
 for problem in res.cfg.problems:
     st.warning(problem)
-if res.model.error:
-    st.error(f"The model could not be loaded, so chat and tracing are off: {res.model.error} "
-             "Fix MONITOR_MODEL and restart the dashboard.")
+if res.browse_only or res.model.error:
+    if res.browse_only:
+        st.info(f"{res.browse_only} Chat and tracing are off.")
+    else:
+        st.error(f"The model could not be loaded, so chat and tracing are off: {res.model.error} "
+                 "Fix MONITOR_MODEL and restart the dashboard.")
     st.page_link(links.PAGE_BROWSE, label="The database browser still works", icon=":material/manage_search:")
 if res.dbr.error and lm is not None:
     st.warning(f"{res.dbr.error} Until then chat and tracing work, but values are raw activations "

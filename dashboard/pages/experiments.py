@@ -184,6 +184,9 @@ tab_run, tab_report = st.tabs(["Run an experiment", "Replication report"])
 
 def _run_tab() -> None:
     res = resources.resources()
+    if res.browse_only:
+        st.info(f"{res.browse_only} Experiments need the model, so they cannot run.")
+        return
     if res.model.error:
         st.error(f"The model could not be loaded, so experiments cannot run: {res.model.error}")
         return

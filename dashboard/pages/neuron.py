@@ -80,6 +80,9 @@ if res.dbr.error:
     st.warning(res.dbr.error)
 elif res.mismatch:
     st.warning(res.mismatch)
+imported = resources.import_note(db)
+if imported:
+    st.info(imported, icon=":material/input:")
 
 info = None
 if db is not None:
@@ -106,15 +109,28 @@ if info is not None:
                 continue
             m1, m2 = st.columns(2)
             m1.metric("score", f"{d['score']:.2f}" if d["score"] is not None else "unscored",
-                      help="Simulation score: correlation between true and simulated activations on held-out text.")
+                      help=f"{d['scorer'] or 'simulation score'}: correlation between true and simulated "
+                           "activations" + (", as the source published it." if imported else " on held-out text."))
             m2.metric("explainer", d["explainer"])
             st.markdown(f"_{d['summary']}_")
             st.write(d["text"])
+    all_scores = db.scores_for(layer, neuron)
+    if len(all_scores) > 1 or (len(all_scores) and imported):
+        with st.expander(f"Every score of these descriptions ({len(all_scores)})"):
+            shown_scores = all_scores.assign(polarity=[charts.polarity_name(p) for p in all_scores["polarity"]])
+            st.dataframe(shown_scores[["polarity", "scorer", "version", "value", "split", "n", "detail"]],
+                         hide_index=True, key="all_scores",
+                         column_config={"value": st.column_config.NumberColumn(format="%.3f"),
+                                        "detail": st.column_config.TextColumn(width="large")})
+            st.caption("split 'source': as the publisher released it; 'test': measured here on held-out text. "
+                       "Scores of different scorers are not comparable.")
 
 # --------------------------------------------------------------------------- live activation on the conversation
 st.subheader("On the current conversation")
 view = resources.get_view(res)
-if lm is None:
+if res.browse_only:
+    st.info(res.browse_only)
+elif lm is None:
     st.caption(f"The model is not loaded ({res.model.error}), so there is no live activation.")
 elif not session.has_conversation():
     st.info("No conversation in this session yet: chat on the main page, then come back to see this neuron live.")
@@ -165,27 +181,35 @@ for tab, (name, exs) in zip(tabs, groups.items()):
         if not exs:
             st.caption("none stored")
             continue
+        if any(e["acts"] is None for e in exs):
+            st.caption("No per-token activations in this database: the text and its peak activation only, so "
+                       "the tokens cannot be highlighted.")
         for j, e in enumerate(exs):
             if j == EXEMPLARS_SHOWN:
                 more = st.expander(f"{len(exs) - EXEMPLARS_SHOWN} more")
             target = more if j >= EXEMPLARS_SHOWN else st
-            meta = f"{e['split']} #{e['rank']} · {e['source'] or '?'} · max {e['max_act']:+.3g}"
-            target.html(highlight.token_spans(e["tokens"], e["acts"], scale=scale, meta=meta))
+            peak = "peak" if e["acts"] is None else "max"
+            meta = f"{e['split']} #{e['rank']} · {e['source'] or '?'} · {peak} {e['max_act']:+.3g}"
+            if e["acts"] is None:
+                target.html(highlight.plain_text(e["text"], meta=meta))
+            else:
+                target.html(highlight.token_spans(e["tokens"], e["acts"], scale=scale, meta=meta))
 
 # --------------------------------------------------------------------------- distribution
 st.subheader("Activation distribution")
 qc, hc = st.columns([1, 2], gap="large")
 with qc:
-    qdf = pd.DataFrame({"quantile": [f"{q:g}" for q in qs], "activation": list(qs.values())})
+    qdf = pd.DataFrame({"quantile": [f"{q:.10g}" for q in qs], "activation": list(qs.values())})
     st.dataframe(qdf, hide_index=True, key="quantiles",
                  column_config={"activation": st.column_config.NumberColumn(format="%.4g")})
-    st.caption("Quantiles over every corpus token (0 and 1 are the min and max). The dashboard normalises by "
-               "1 − 1e-5 (positive) and 1e-5 (negative).")
+    st.caption(("Quantiles as the source published them, over its own corpus" if imported else
+                "Quantiles over every corpus token") + " (0 and 1 are the min and max). The dashboard normalises by "
+               "1 − 1e-5 (positive) and 1e-5 (negative), or the nearest stored level on that side.")
 with hc:
     parts = []
     for name, exs in (("random exemplars", groups["Random"]), ("top exemplars", groups["Top (positive)"]),
                       ("bottom exemplars", groups["Bottom (negative)"])):
-        vals = [v for e in exs for v in e["acts"]]
+        vals = [v for e in exs for v in e["acts"] or []]
         if vals:
             parts.append(pd.DataFrame({"value": vals, "group": name}))
     if parts:
@@ -194,9 +218,13 @@ with hc:
         st.altair_chart(charts.unvalidated(hist), key="histogram")
         st.caption("Per-token activations of the stored exemplars; random exemplars approximate the usual "
                    "distribution. Dashed lines: the normalising quantiles.")
+    else:
+        st.caption("No per-token activations are stored for this neuron, so there is no histogram.")
 
 # --------------------------------------------------------------------------- output tokens
 st.subheader("Output tokens")
+if imported and not (info["promotes"] or info["suppresses"]):
+    st.caption("The source did not publish output tokens for this neuron.")
 oc1, oc2 = st.columns(2, gap="large")
 oc1.html(highlight.chips(info["promotes"], "Promoted when it fires positive (suppressed when negative)"))
 oc2.html(highlight.chips(info["suppresses"], "Suppressed when it fires positive (promoted when negative)"))

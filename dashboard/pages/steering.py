@@ -15,7 +15,12 @@ QUESTION = "Which is bigger: 9.8 or 9.11?"
 steering_specs.restore_from_url()
 st.title("Semantic steering")
 res = resources.resources()
-if res.model.error:
+imported = resources.import_note(res.dbr.db)
+if imported:
+    st.caption(f"{imported} Steering uses its descriptions (searched with our embedder) and its quantiles.")
+if res.browse_only:
+    st.info(f"{res.browse_only} Specs can be edited, but their effect cannot be shown.")
+elif res.model.error:
     st.warning(f"The model could not be loaded, so specs can be edited but their effect cannot be shown: "
                f"{res.model.error}")
 
