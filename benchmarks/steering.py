@@ -130,8 +130,9 @@ def bare_tokens_per_s(lm, items, stem: str, batch: int = 64) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
-def run_suite_timing(lm, db_path: str | None, pairs: int, controls: int, seed: int) -> dict:
-    """Wall time of the default replication suite (``python -m engine experiment replicate``)."""
+def run_suite_timing(lm, db_path: str | None, pairs: int, controls: int, seed: int, report_dir: str | None = None) -> dict:
+    """Wall time of the default replication suite (``python -m engine experiment replicate``);
+    its report is saved to ``report_dir`` when given."""
     from cache.db import open_database
     from concepts.cli import DEFAULT_CONCEPT_CONTROLS, DEFAULT_CONCEPTS
     from concepts.resolve import activation_view, resolve
@@ -147,6 +148,10 @@ def run_suite_timing(lm, db_path: str | None, pairs: int, controls: int, seed: i
     report = run_suite(lm, resolved.selections[: len(specs)], suite, resolved.selections[len(specs):],
                        resolved.quantiles, activation_view(db), {"model": lm.name, "db": str(db.path)})
     wall = time.perf_counter() - t0
+    if report_dir:
+        from engine.replication import save_report
+
+        save_report(report, report_dir, html_page=True)
     scorings = sum(c["summary"]["n"] for c in report["cells"]) * report["conditions_per_cell"]
     sample = format_items(sample_pairs(decimal_pairs("shorter"), 32, seed), "chat")
     bare = bare_tokens_per_s(lm, sample, FORMATS["chat"].stem)
@@ -175,6 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--experiment", action="store_true", help="also time the default replication suite (slow: minutes)")
     p.add_argument("--pairs", type=int, default=None, help="pairs per cell (default: the suite's)")
     p.add_argument("--controls", type=int, default=None, help="random controls per concept (default: the suite's)")
+    p.add_argument("--report", default=None, metavar="DIR", help="with --experiment: also save the suite's report here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -213,7 +219,8 @@ def main(argv=None) -> int:
         from engine.replication import Suite
 
         out["experiment"] = run_suite_timing(lm, None if source == "random" else source, args.pairs or Suite.pairs,
-                                             Suite.controls if args.controls is None else args.controls, args.seed)
+                                             Suite.controls if args.controls is None else args.controls, args.seed,
+                                             args.report)
     if args.json:
         print(json.dumps(out))
     else:
