@@ -12,9 +12,13 @@ from pathlib import Path
 SCHEMA_FILE = Path(__file__).with_name("schema.sql")
 
 # Bump when a table or column changes meaning; readers refuse other versions.
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# Older versions this code still opens read-only (version 1: no scores table, no descriptions.score_scorer).
+READABLE_VERSIONS = ("1", "2")
 
-TABLES = ("meta", "neurons", "sequences", "descriptions", "embeddings", "exemplars", "quantiles")
+TABLES = ("meta", "neurons", "sequences", "descriptions", "embeddings", "exemplars", "quantiles", "scores")
+# Tables a file of each readable version must have.
+TABLES_OF_VERSION = {"1": TABLES[:-1], "2": TABLES}
 
 # Every key a finished build must carry (DatabaseWriter.finish checks them).
 REQUIRED_META = (
@@ -30,10 +34,11 @@ READER_META = ("schema_version", "model_id", "n_layers", "n_neurons", "embedding
 COLUMNS = {
     "neurons": ("layer", "neuron", "promotes", "suppresses"),
     "sequences": ("seq_id", "source", "text", "tokens"),
-    "descriptions": ("layer", "neuron", "polarity", "text", "summary", "score", "explainer"),
+    "descriptions": ("layer", "neuron", "polarity", "text", "summary", "score", "explainer", "score_scorer"),
     "embeddings": ("layer", "neuron", "polarity", "vec"),
     "exemplars": ("layer", "neuron", "polarity", "split", "rank", "seq_id", "max_act", "scale", "acts"),
     "quantiles": ("layer", "neuron", "q", "value"),
+    "scores": ("layer", "neuron", "polarity", "scorer", "version", "value", "split", "n", "detail"),
 }
 
 # The rows of each table are inserted in this order, so DuckDB's per-row-group min/max
@@ -45,6 +50,7 @@ SORT_KEYS = {
     "embeddings": ("layer", "neuron", "polarity"),
     "exemplars": ("layer", "neuron", "polarity", "split", "rank"),
     "quantiles": ("layer", "neuron", "q"),
+    "scores": ("layer", "neuron", "polarity", "scorer"),
 }
 
 _VEC_TYPE = re.compile(r"(\bvec\s+FLOAT)\[\d+\]")

@@ -12,6 +12,9 @@
 --   schema_version, model_id, model_slug, n_layers, n_neurons, seq_len, n_sequences, n_tokens,
 --   corpus_sources (JSON list of {name, licence, n_sequences}), corpus_hash,
 --   explainer, scorer, embedding_model, embedding_dim, versions (JSON), build_time (ISO 8601, UTC)
+-- Optional: scorers (JSON list of {name, version, description}: every scorer in the scores table).
+-- Schema version 2 added the scores table and descriptions.score_scorer; readers open version-1
+-- files read-only, treating both as absent.
 CREATE TABLE IF NOT EXISTS meta (
     key   VARCHAR PRIMARY KEY,
     value VARCHAR NOT NULL
@@ -42,9 +45,24 @@ CREATE TABLE IF NOT EXISTS descriptions (
     polarity  TINYINT NOT NULL,    -- +1 or -1
     text      VARCHAR NOT NULL,    -- the full description
     summary   VARCHAR NOT NULL,    -- under 15 words
-    score     DOUBLE,              -- simulation correlation on held-out sequences, NULL if not scored
-    explainer VARCHAR NOT NULL,    -- which explainer wrote it, e.g. 'offline-v1' or 'llm:<model>'
+    score     DOUBLE,              -- the main score (simulation correlation on held-out sequences), NULL if none
+    explainer VARCHAR NOT NULL,    -- which explainer wrote it, e.g. 'offline-v2' or 'llm:<model>'
+    score_scorer VARCHAR,          -- which scores.scorer `score` is (NULL when unscored)
     PRIMARY KEY (layer, neuron, polarity)
+);
+
+-- Every score of every (neuron, polarity) description, one row per scorer.
+CREATE TABLE IF NOT EXISTS scores (
+    layer    INTEGER NOT NULL,
+    neuron   INTEGER NOT NULL,
+    polarity TINYINT NOT NULL,
+    scorer   VARCHAR NOT NULL,   -- e.g. 'offline-token-match-v2', 'embedding-auc-v1', 'transluce-simulation'
+    version  VARCHAR NOT NULL,   -- the scorer's version string
+    value    DOUBLE,             -- NULL = the scorer made no prediction (never stored as 0)
+    split    VARCHAR NOT NULL,   -- what it was measured on: 'test' (held out), 'train', or 'source' (imported as published)
+    n        INTEGER,            -- sequences (or tokens) it pooled; NULL if unknown
+    detail   VARCHAR,            -- optional JSON: provenance, e.g. {"source": "transluce", "table": ..., "field": ...}
+    PRIMARY KEY (layer, neuron, polarity, scorer)
 );
 
 -- The embedding of each description (L2-normalised), dimension in meta.embedding_dim.

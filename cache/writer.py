@@ -49,13 +49,17 @@ ARROW_SCHEMAS: dict[str, pa.Schema] = {
                             ("tokens", _STR_LIST)]),
     "descriptions": pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("polarity", pa.int8()),
                                ("text", pa.string()), ("summary", pa.string()), ("score", pa.float64()),
-                               ("explainer", pa.string())]),
+                               ("explainer", pa.string()), ("score_scorer", pa.string())]),
     "exemplars": pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("polarity", pa.int8()),
                             ("split", pa.string()), ("rank", pa.int32()), ("seq_id", pa.int32()),
                             ("max_act", pa.float32()), ("scale", pa.float32()), ("acts", pa.list_(pa.int8()))]),
     "quantiles": pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("q", pa.float64()),
                             ("value", pa.float32())]),
+    "scores": pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("polarity", pa.int8()),
+                         ("scorer", pa.string()), ("version", pa.string()), ("value", pa.float64()),
+                         ("split", pa.string()), ("n", pa.int32()), ("detail", pa.string())]),
 }
+SCORE_SPLITS = ("test", "train", "source")
 
 EXEMPLAR_SPLITS = ("train", "test", "random")
 
@@ -133,7 +137,8 @@ class DatabaseWriter:
         self._insert("sequences", df)
 
     def write_descriptions(self, df: Batch) -> None:
-        """Rows ``layer, neuron, polarity (±1), text, summary, score (NaN/None = unscored), explainer``."""
+        """Rows ``layer, neuron, polarity (±1), text, summary, score (NaN/None = unscored), explainer,
+        score_scorer`` (the scores.scorer that ``score`` is; None when unscored)."""
         table = self._arrow("descriptions", df)
         _check_polarity(table, (1, -1), "descriptions")
         self._insert_arrow("descriptions", table)
@@ -154,6 +159,16 @@ class DatabaseWriter:
         if np.any((pol == 0) != is_random):
             raise ValueError("exemplars: polarity must be 0 exactly for split 'random'")
         self._insert_arrow("exemplars", table)
+
+    def write_scores(self, df: Batch) -> None:
+        """Rows ``layer, neuron, polarity (±1), scorer, version, value (NaN/None = no prediction), split
+        ('test' | 'train' | 'source'), n, detail`` — one per (neuron, polarity, scorer)."""
+        table = self._arrow("scores", df)
+        _check_polarity(table, (1, -1), "scores")
+        splits = set(table.column("split").unique().to_pylist())
+        if not splits <= set(SCORE_SPLITS):
+            raise ValueError(f"scores: unknown split(s) {sorted(splits - set(SCORE_SPLITS))}")
+        self._insert_arrow("scores", table)
 
     def write_quantiles(self, df: Batch) -> None:
         """Rows ``layer, neuron, q, value`` (q in [0, 1]; 0 and 1 are the min and max)."""
