@@ -138,7 +138,10 @@ class DatabaseWriter:
 
     def write_descriptions(self, df: Batch) -> None:
         """Rows ``layer, neuron, polarity (±1), text, summary, score (NaN/None = unscored), explainer,
-        score_scorer`` (the scores.scorer that ``score`` is; None when unscored)."""
+        score_scorer`` (the scores.scorer that ``score`` is; None when unscored; may be left out)."""
+        if "score_scorer" not in (df.column_names if isinstance(df, pa.Table) else df.columns):
+            df = df.append_column("score_scorer", pa.nulls(df.num_rows, pa.string())) if isinstance(df, pa.Table) \
+                else df.assign(score_scorer=None)
         table = self._arrow("descriptions", df)
         _check_polarity(table, (1, -1), "descriptions")
         self._insert_arrow("descriptions", table)

@@ -234,7 +234,7 @@ def test_inactive_polarity_needs_no_request(fake):
     job.polarity = -1  # every activation is ≥ 0: nothing is active in polarity −1
     with LLMExplainer(config(fake)) as ex:
         (res,) = ex.explain_many([job])
-        assert ex.score_many([ScoreJob(INACTIVE, -1, job.heldout_tokens, job.heldout_acts)]) == [0.0]
+        assert ex.score_many([ScoreJob(INACTIVE, -1, job.heldout_tokens, job.heldout_acts)]) == [None]  # no prediction
     assert (res.text, res.score) == (INACTIVE, 0.0) and fake.bodies == []
 
 

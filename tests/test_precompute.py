@@ -21,11 +21,12 @@ from precompute.pipeline import STAGES, Build, BuildConfig
 
 from .conftest import ROOT
 
-TABLES = ("neurons", "sequences", "descriptions", "embeddings", "exemplars", "quantiles")
+TABLES = ("neurons", "sequences", "descriptions", "embeddings", "exemplars", "quantiles", "scores")
 ORDER = {
     "neurons": "layer, neuron", "sequences": "seq_id", "descriptions": "layer, neuron, polarity",
     "embeddings": "layer, neuron, polarity", "exemplars": "layer, neuron, polarity, split, rank",
     "quantiles": "layer, neuron, q",
+    "scores": "layer, neuron, polarity, scorer",
 }
 
 
@@ -60,6 +61,37 @@ def assert_same_db(a: Path, b: Path) -> None:
         pd.testing.assert_frame_equal(ta[name], tb[name], check_exact=True, obj=name)
 
 
+def assert_one_score_row_per_key(path: Path) -> None:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        n_keys = con.execute("SELECT count(*) FROM descriptions").fetchone()[0]
+        per_scorer = dict(con.execute("SELECT scorer, count(*) FROM scores GROUP BY scorer").fetchall())
+        dupes = con.execute("SELECT count(*) FROM (SELECT layer, neuron, polarity, scorer FROM scores "
+                            "GROUP BY ALL HAVING count(*) > 1)").fetchone()[0]
+        missing = con.execute("SELECT count(*) FROM descriptions d CROSS JOIN (SELECT DISTINCT scorer FROM scores) s "
+                              "ANTI JOIN scores x ON x.layer = d.layer AND x.neuron = d.neuron "
+                              "AND x.polarity = d.polarity AND x.scorer = s.scorer").fetchone()[0]
+        main = con.execute("SELECT count(*) FROM descriptions d JOIN scores x USING (layer, neuron, polarity) "
+                           "WHERE x.scorer = d.score_scorer AND x.value IS NOT DISTINCT FROM d.score").fetchone()[0]
+        zeros = con.execute("SELECT count(*) FROM scores WHERE value = 0").fetchone()[0]
+    finally:
+        con.close()
+    names = [d["name"] for d in json.loads(meta["scorers"])]
+    assert sorted(per_scorer) == sorted(names) == sorted(["offline-token-match-v2", "embedding-auc-v1"])
+    assert all(c == n_keys for c in per_scorer.values()) and dupes == 0 and missing == 0
+    assert main == con_count_scored(path)  # each description's main score is its row in scores
+    assert zeros == 0  # "no prediction" is NULL, never a stored 0
+
+
+def con_count_scored(path: Path) -> int:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute("SELECT count(*) FROM descriptions WHERE score_scorer IS NOT NULL").fetchone()[0]
+    finally:
+        con.close()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_llama_dir):
     """An uninterrupted single-process build of the tiny model."""
@@ -71,7 +103,7 @@ def reference(tmp_path_factory, tiny_llama_dir):
 def test_kill_in_every_stage_then_resume_gives_same_database(tmp_path, tiny_llama_dir, reference):
     """SIGKILL the build inside each stage in turn; each re-run resumes; the result is identical."""
     args = tiny_args(tiny_llama_dir, tmp_path)
-    kills = ["corpus:1", "activations:2", "activations:4", "exemplars:1", "descriptions:1", "scores:2", "embeddings:1", "write:1"]
+    kills = ["corpus:1", "activations:2", "activations:4", "exemplars:1", "descriptions:1", "embeddings:1", "scores:2", "write:1"]
     for spec in kills:
         res = run_cli("build", *args, "--embed-chunk", "100", env_extra={"PRECOMPUTE_KILL_AT": spec}, check=False)
         assert res.returncode == -9, f"{spec}: expected SIGKILL, got {res.returncode}: {res.stderr[-500:]}"
@@ -80,6 +112,8 @@ def test_kill_in_every_stage_then_resume_gives_same_database(tmp_path, tiny_llam
     assert not (tmp_path / "db.duckdb").exists()  # a killed write leaves no half database behind
     run_cli("build", *args, "--embed-chunk", "100")
     assert_same_db(tmp_path / "db.duckdb", reference / "db.duckdb")
+    for db in (tmp_path / "db.duckdb", reference / "db.duckdb"):  # one score row per (neuron, polarity, scorer)
+        assert_one_score_row_per_key(db)
     # Re-running a finished build does nothing and changes nothing.
     before = (tmp_path / "db.duckdb").stat().st_mtime_ns
     run_cli("build", *args)
@@ -241,7 +275,8 @@ def test_database_meta_says_what_built_it(embedded_db):
     counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("descriptions", "quantiles", "neurons")}
     summaries = con.execute("SELECT summary FROM descriptions").df().summary
     con.close()
-    assert meta["explainer"] == "offline-v1" and meta["scorer"] == "offline-token-match-v1"
+    assert meta["explainer"] == "offline-v2" and meta["scorer"] == "offline-token-match-v2"
+    assert meta["schema_version"] == "2"
     assert meta["model_slug"] == "smollm2-135m-instruct" and meta["n_layers"] == "30" and meta["n_neurons"] == "1536"
     assert json.loads(meta["described_layers"]) == [0, 8, 15, 22, 29]
     assert {s["name"] for s in json.loads(meta["corpus_sources"])} >= {"bible", "dates", "changelogs", "decimals", "code", "prose", "chat"}

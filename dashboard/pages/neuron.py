@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, highlight, links, resources, session
+from dashboard import charts, highlight, links, resources, score_badges, session
 from engine.errors import MonitorError
 
 EXEMPLARS_SHOWN = 8
@@ -82,9 +82,11 @@ elif res.mismatch:
     st.warning(res.mismatch)
 
 info = None
+scores = None
 if db is not None:
     try:
         info = db.neuron(layer, neuron)
+        scores = db.scores_for(layer, neuron)
     except MonitorError as err:
         st.error(str(err))
 
@@ -105,11 +107,18 @@ if info is not None:
                 st.caption("not described")
                 continue
             m1, m2 = st.columns(2)
+            main = d.get("score_scorer") or db.meta.get("scorer", "")
             m1.metric("score", f"{d['score']:.2f}" if d["score"] is not None else "unscored",
-                      help="Simulation score: correlation between true and simulated activations on held-out text.")
+                      help=f"The main score ({score_badges.label(main)}): {score_badges.meaning(main)}")
             m2.metric("explainer", d["explainer"])
             st.markdown(f"_{d['summary']}_")
             st.write(d["text"])
+            rows = scores[scores["polarity"] == pol] if scores is not None else []
+            for r in (rows.itertuples() if len(rows) else []):
+                value = None if r.value is None or r.value != r.value else float(r.value)
+                st.markdown(score_badges.badge_markdown(r.scorer, value),
+                            help=f"{score_badges.meaning(r.scorer)} Scorer {r.scorer} v{r.version}, measured on "
+                                 f"{r.split} data ({r.n if r.n == r.n and r.n is not None else '?'} sequences).")
 
 # --------------------------------------------------------------------------- live activation on the conversation
 st.subheader("On the current conversation")
