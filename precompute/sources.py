@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import ast
 import bisect
-import csv
 import functools
 import importlib.metadata as importlib_metadata
 import importlib.util

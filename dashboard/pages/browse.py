@@ -188,14 +188,13 @@ if results.empty:
 
 results = results.copy()
 results["url"] = [links.neuron_url(l, n) for l, n in zip(results["layer"], results["neuron"])]
-sort_options = [s for s in SORTS if s != "similarity" or mode == "semantic"]
-sort = st.selectbox("Sort by", sort_options, key=widgets.widget_key("browse_sort", sort_options[0]),
+sort = st.selectbox("Sort by", SORTS, key=widgets.widget_key("browse_sort", SORTS[0]),
                     format_func=lambda x: x if x == "similarity" else score_badges.label(x),
-                    help="Order the results by their similarity to the query or by any scorer (missing values last).")
+                    help="Order the results by their similarity to the query (keyword search: best main score "
+                         "first) or by any scorer (missing values last).")
 widgets.remember("browse_sort")
-if sort != "similarity" or mode == "semantic":
-    results = results.sort_values(sort if sort in results else "similarity", ascending=False, na_position="last",
-                                  kind="stable")
+if sort in results and not (sort == "similarity" and mode == "keyword"):
+    results = results.sort_values(sort, ascending=False, na_position="last", kind="stable")
 shown = results.assign(polarity=[charts.polarity_name(p) for p in results["polarity"]])
 for name in SCORERS:  # a plain-language badge next to every scorer's number
     shown[f"{name} ·"] = [score_badges.verdict(name, v)[0] for v in shown[name]]
