@@ -410,7 +410,10 @@ class Build:
 
     def run_embeddings(self) -> None:
         """Stage 5: embed every corpus window (for the embedding scorer) and every description's
-        summary (for search and that scorer), in resumable chunks; bf16 where the CPU has it."""
+        summary (for search and that scorer), in resumable chunks; bf16 where the CPU has it.
+
+        In bf16 a text's vector depends (within cosine 0.999) on which texts share its batch, so
+        a resumed build is byte-identical to an uninterrupted one only with the same ``--embed-chunk``."""
         from cache.embedder import embed, load_embedder
 
         chunk = self.cfg.embed_chunk
