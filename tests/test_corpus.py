@@ -116,8 +116,8 @@ def test_bible_sequences_carry_references_from_across_the_bible(default):
 def test_plays_are_dialogue(default):
     idx = _of(default, "plays")
     speaker = re.compile(r"^[A-Z][A-Za-z .']+: \S", re.M)
-    lines = sum(len(speaker.findall(default.texts[i])) for i in idx)
-    assert lines >= 1.5 * len(idx)  # several speeches per window, each "Name: words"
+    found = [len(speaker.findall(default.texts[i])) for i in idx]
+    assert sum(found) >= len(idx) and np.mean([f > 0 for f in found]) >= 0.8  # "Name: words" speeches in most windows
     assert not any("**" in default.texts[i] for i in idx)  # the Markdown is gone
     plays = {ref for ref in {d["name"]: d for d in default.source_info}["plays"]["licences"]}
     assert len(plays) >= 20, plays  # drawn across the plays
