@@ -13,8 +13,20 @@
   default the embedded model's), with ``search_vs_numpy_db`` against NumPy brute force.
 * ``search_ms_458k`` / ``search_vs_numpy``: the same over a synthetic 458,752 × 384
   table, the size of Llama-3.1-8B (target ≤ 150 ms), from :mod:`benchmarks.search`.
-* ``build_wall_s``: the full build's wall time, read from the build folder's stage
-  markers (``--build`` runs the build first if the database is missing).
+* ``build_wall_s``, ``stage_s``, ``corpus_tokens``: the build's wall time and per-stage
+  seconds, read from the build folder's stage markers (``--build-dir``, default the
+  model's), and its corpus size.
+* ``forward``: bare forward tokens/s in fp32 and under bf16 autocast on the same batches
+  (interleaved), their ratio, and the bf16 activations' error against fp32 (per neuron:
+  sequence-max error over the neuron's range, median and 95th percentile; correlation,
+  5th percentile); ``embed``: all-MiniLM-L6-v2 texts/s in fp32 and bf16 on summaries and
+  on corpus windows. Both also as CPU-seconds rates (``*_cpu``): process CPU time ÷ cores
+  is what the same work takes on an idle machine, so these project an idle build when the
+  machine is shared.
+* ``explainers``: the new (``offline-v2``) and old (``offline-v1``) explainers run on the
+  same build's exemplars for a seeded sample of (neuron, polarity) keys, each scored by the
+  same scorers on held-out windows: the token-match simulation (v2) and the embedding AUC;
+  mean, median and the share with no prediction (NULL), and ratios new ÷ old.
 """
 
 from __future__ import annotations
@@ -119,6 +131,136 @@ def search_db(db_path: Path, k: int = 500, repeats: int = 15) -> dict:
             "db_rows": int(mat.shape[0])}
 
 
+def _rates(n: int, wall: float, cpu: float) -> tuple[float, float]:
+    """(items/s by the wall clock, items/s projected on idle cores: CPU seconds ÷ threads)."""
+    return round(n / wall, 1), round(n / (cpu / max(torch.get_num_threads(), 1)), 1)
+
+
+def forward_precision(model: str = "embedded", batches: int = 6, batch_size: int = 16) -> dict:
+    """fp32 vs bf16-autocast bare forward on the default corpus's first batches, interleaved, and
+    the bf16 activations' error (see the module docstring)."""
+    from engine.hooks import NeuronHooks
+    from engine.loader import load_model
+    from precompute.corpus import build_corpus
+
+    lm = load_model(model)
+    corpus = build_corpus(lm.tokenizer, profile="tiny", progress=False)
+    ids = torch.from_numpy(corpus.token_ids.astype(np.int64))
+    t = {False: [0.0, 0.0], True: [0.0, 0.0]}
+    errs, corrs = [], []
+    with torch.inference_mode():
+        for j in range(batches + 1):
+            x = ids[j * batch_size:(j + 1) * batch_size]
+            acts = {}
+            for bf16 in (False, True):
+                with NeuronHooks(lm, capture=True) as hooks, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    lm.model.model(input_ids=x)
+                    if j:  # the first batch warms up
+                        t[bf16][0] += time.perf_counter() - w0
+                        t[bf16][1] += time.process_time() - c0
+                    acts[bf16] = torch.cat([h.float() for h in hooks.captured], dim=-1)[:, 1:].numpy()
+            a, b = acts[False], acts[True]
+            rng = np.maximum(a.max(axis=(0, 1)) - a.min(axis=(0, 1)), 1e-6)
+            errs.append(np.abs(b.max(axis=1) - a.max(axis=1)).max(axis=0) / rng)
+            xa, yb = a.reshape(-1, a.shape[2]), b.reshape(-1, b.shape[2])
+            xa, yb = xa - xa.mean(0), yb - yb.mean(0)
+            corrs.append((xa * yb).sum(0) / np.sqrt((xa * xa).sum(0) * (yb * yb).sum(0) + 1e-30))
+    n = batches * batch_size * corpus.seq_len
+    f32, f32c = _rates(n, *t[False])
+    b16, b16c = _rates(n, *t[True])
+    err, corr = np.concatenate(errs), np.concatenate(corrs)
+    return {"fp32_tokens_per_s": f32, "bf16_tokens_per_s": b16, "fp32_tokens_per_s_cpu": f32c,
+            "bf16_tokens_per_s_cpu": b16c, "bf16_speedup": round(t[False][0] / t[True][0], 2),
+            "bf16_speedup_cpu": round(t[False][1] / t[True][1], 2),
+            "bf16_max_err_median": round(float(np.median(err)), 4), "bf16_max_err_p95": round(float(np.quantile(err, 0.95)), 4),
+            "bf16_corr_p05": round(float(np.quantile(corr, 0.05)), 4)}
+
+
+def embed_rates(db_path: Path, n: int = 1500) -> dict:
+    """all-MiniLM-L6-v2 throughput, fp32 and bf16, on a database's summaries and windows."""
+    import duckdb
+
+    from cache.embedder import embed, load_embedder
+
+    con = duckdb.connect(str(db_path), read_only=True)
+    summ = [r[0] for r in con.execute(f"SELECT summary FROM descriptions USING SAMPLE {n} ROWS (reservoir, 0)").fetchall()]
+    wins = [r[0] for r in con.execute(f"SELECT text FROM sequences USING SAMPLE {n // 4} ROWS (reservoir, 0)").fetchall()]
+    con.close()
+    load_embedder(), load_embedder(bulk=True)
+    embed(summ[:100]), embed(summ[:100], bulk=True)
+    out = {}
+    for name, texts in (("summaries", summ), ("windows", wins)):
+        for bulk in (False, True):
+            w0, c0 = time.perf_counter(), time.process_time()
+            embed(texts, bulk=bulk)
+            wall, cpu = _rates(len(texts), time.perf_counter() - w0, time.process_time() - c0)
+            key = f"{name}_{'bf16' if bulk else 'fp32'}_per_s"
+            out[key], out[key + "_cpu"] = wall, cpu
+    return out
+
+
+def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, seed: int = 0) -> dict:
+    """The new and old offline explainers on one build's exemplars, scored alike (held out)."""
+    from cache.embedder import embed
+    from engine.loader import load_model
+    from precompute.collect import Collector
+    from precompute.corpus import Corpus
+    from precompute.describe import ContextStats, CorpusStats, OutputTokens, describe, describe_v1
+    from precompute.embedding_score import score_keys
+    from precompute.exemplar_view import ExemplarView
+    from precompute.simulate import Simulator
+
+    lm = load_model(model)
+    corpus = Corpus.load(build_root / "corpus.parquet")
+    col = Collector.load(build_root / "merged.parquet")
+    view = ExemplarView(col.state, col.k, corpus, lm.n_neurons, 1)
+    stats = CorpusStats(corpus, 1)
+    sim = Simulator(stats.strings)
+    ctx = ContextStats(corpus.texts)
+    outs = OutputTokens(lm)
+    win_files = sorted((build_root / "embeddings").glob("windows-*.npy"))
+    windows = np.concatenate([np.load(f) for f in win_files]) if win_files else embed(corpus.texts, bulk=True)
+    rng = np.random.default_rng(seed)
+    keys = sorted({(int(l), int(n), int(p)) for l, n, p in zip(rng.integers(0, lm.n_layers, sample),
+                                                              rng.integers(0, lm.n_neurons, sample),
+                                                              rng.choice([1, -1], sample))})
+    texts = {"new": [], "old": []}
+    held = []
+    cache_out: dict = {}
+    t_new = t_old = 0.0
+    for layer, neuron, pol in keys:
+        if layer not in cache_out:
+            cache_out[layer] = outs.layer(layer)
+        prom, supp = cache_out[layer][0][neuron], cache_out[layer][1][neuron]
+        train = view.train(layer, neuron, pol, with_random=True)
+        c0 = time.process_time()
+        text, summary, _ = describe(pol, train, stats, sim, prom, supp)
+        t_new += time.process_time() - c0
+        texts["new"].append((text, summary))
+        c0 = time.process_time()
+        n_top = train.n_top
+        old = describe_v1(pol, train.tokens[:n_top], train.acts[:n_top], train.sources[:n_top], prom, supp, ctx)
+        t_old += time.process_time() - c0
+        texts["old"].append(old[:2])
+        held.append(view.heldout(layer, neuron, pol))
+    out = {"sample": len(keys), "held_out": "test top exemplars + held-out random windows, sink excluded",
+           "describe_ms_per_key_cpu": {"new": round(1e3 * t_new / len(keys), 2), "old": round(1e3 * t_old / len(keys), 2)}}
+    for name, pairs in texts.items():
+        s = np.array([np.nan if v is None else v for v in
+                      (sim.score(t, k[2], h) for (t, _), k, h in zip(pairs, keys, held))])
+        vecs = embed([summ for _, summ in pairs], bulk=True)
+        auc = score_keys(vecs, [h.seq_ids[: h.n_top] for h in held], view.random_test_ids, windows)
+        out[name] = {"sim_mean": round(float(np.nanmean(s)), 4), "sim_median": round(float(np.nanmedian(s)), 4),
+                     "sim_mean_null_as_0": round(float(np.nan_to_num(s).mean()), 4),
+                     "sim_null_share": round(float(np.isnan(s).mean()), 4),
+                     "auc_mean": round(float(np.nanmean(auc)), 4), "auc_median": round(float(np.nanmedian(auc)), 4),
+                     "summary_words_mean": round(float(np.mean([len(x.split()) for _, x in pairs])), 2)}
+    for key in ("sim_mean", "sim_median", "sim_mean_null_as_0", "auc_mean", "auc_median"):
+        out[f"{key}_ratio_new_vs_old"] = round(out["new"][key] / out["old"][key], 3) if out["old"][key] else None
+    return out
+
+
 def build_wall(build_root: Path) -> float | None:
     """Seconds from the build's first start to the write stage's marker, and per stage.
 
@@ -131,13 +273,17 @@ def build_wall(build_root: Path) -> float | None:
     start = datetime.strptime(started.read_text().strip(), fmt).timestamp()
     stages = {}
     prev = start
-    for name in ("corpus", "activations", "exemplars", "descriptions", "scores", "embeddings", "write"):
+    from precompute.pipeline import STAGES
+
+    for name in STAGES:
         marker = build_root / f"{name}.done"
         if marker.exists():
             t = datetime.strptime(json.loads(marker.read_text())["finished"], "%Y-%m-%dT%H:%M:%SZ").timestamp()
             stages[name] = round(t - prev)
             prev = t
-    return {"build_wall_s": round(end - start), "stage_s": stages}
+    corpus = json.loads((build_root / "corpus.done").read_text())
+    return {"build_wall_s": round(end - start), "stage_s": stages,
+            "corpus_tokens": int(corpus["n_sequences"]) * int(corpus["seq_len"])}
 
 
 def main() -> None:
@@ -147,25 +293,36 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=0, help="cut the pass after this many batches (0: the whole corpus)")
     p.add_argument("--bare-every", type=int, default=2, help="time a bare forward on every n-th batch")
     p.add_argument("--skip-458k", action="store_true")
+    p.add_argument("--skip-collect", action="store_true", help="leave out the collection pass (minutes)")
+    p.add_argument("--build-dir", default=None, help="build folder to read markers and exemplars from")
+    p.add_argument("--sample", type=int, default=2000, help="(neuron, polarity) keys for the explainer comparison")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     from cache.paths import db_path
     from engine.loader import data_dir, model_slug
 
-    out = {"model": args.model, "threads": torch.get_num_threads()}
-    out.update(collect_ratio(args.model, args.batches, bare_every=args.bare_every))
+    out = {"model": args.model, "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}
+    if not args.skip_collect:
+        out.update(collect_ratio(args.model, args.batches, bare_every=args.bare_every))
+    out["forward"] = forward_precision(args.model)
     db = Path(args.db) if args.db else db_path(args.model)
+    root = Path(args.build_dir) if args.build_dir else data_dir() / "build" / model_slug(args.model)
     if db.exists():
         out.update(search_db(db))
-        wall = build_wall(data_dir() / "build" / model_slug(args.model))
-        if wall:
-            out.update(wall)
+        out["embed"] = embed_rates(db)
+    wall = build_wall(root)
+    if wall:
+        out.update(wall)
+    if (root / "merged.parquet").exists():
+        out["explainers"] = explainers(root, args.model, args.sample)
     if not args.skip_458k:
         from benchmarks.search import bench_search
 
         res = bench_search()
         out.update({k: v for k, v in res.items() if k in ("search_ms_458k", "search_vs_numpy", "numpy_ms_458k", "sql_ms_458k")})
-    out["targets"] = {"collect_ratio": 0.85, "search_ms_458k": 150}
+    out["loadavg_end"] = os.getloadavg()
+    out["targets"] = {"collect_ratio": 0.85, "search_ms_458k": 150, "explainers.new.auc_median": 0.75,
+                      "explainers.sim_mean_ratio_new_vs_old": 1.5, "corpus_tokens": 4 * 128_000, "build_wall_s": 900}
     print(json.dumps(out, indent=None if args.json else 2))
 
 

@@ -1,6 +1,6 @@
 """Command line for the neuron database.
 
-    python -m cache search "Bible verses" --k 20 [--layers 0-10] [--polarity 1] [--min-score 0.2] [--json]
+    python -m cache search "Bible verses" --k 20 [--layers 0-10] [--polarity 1] [--min-score 0.2] [--scorer S] [--why] [--json]
     python -m cache keyword "chapter" --k 50 [--json]
     python -m cache neuron 12 345 [--json]
     python -m cache info [--json]
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     filters.add_argument("--layers", default=None, help="inclusive layer range, e.g. 0-10")
     filters.add_argument("--polarity", type=int, choices=[1, -1], default=None)
     filters.add_argument("--min-score", type=float, default=None, help="keep descriptions scoring at least this")
+    filters.add_argument("--scorer", default=None, help="the scorer --min-score applies to (default: the main score)")
 
     parser = argparse.ArgumentParser(prog="python -m cache", description="Query a neuron database.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("query", help="a concept, e.g. 'Bible verses'")
     s.add_argument("--keyword", default=None, help="also require this literal text in the description")
     s.add_argument("--embedder", default=None, help="local sentence-transformers folder (default: all-MiniLM-L6-v2)")
+    s.add_argument("--why", action="store_true", help="say why each hit matched (behaviour vs source part of its summary)")
     kw = sub.add_parser("keyword", parents=[common, filters], help="literal substring search, best score first")
     kw.add_argument("text")
     n = sub.add_parser("neuron", parents=[common], help="one neuron with its descriptions and exemplars")
@@ -90,15 +92,22 @@ def run(args: argparse.Namespace) -> int:
             _print(db.neuron(args.layer, args.neuron), args.json, _format_neuron)
         else:
             layer_range = parse_layers(args.layers) if args.layers else None
-            filters = dict(k=args.k, layer_range=layer_range, polarity=args.polarity, min_score=args.min_score)
+            filters = dict(k=args.k, layer_range=layer_range, polarity=args.polarity, min_score=args.min_score,
+                           scorer=args.scorer)
+            fields = list(SEARCH_FIELDS)
             if args.command == "search":
                 from .embedder import embed
 
-                hits = db.semantic_search(embed([args.query], name=args.embedder)[0], keyword=args.keyword,
-                                          **filters)
+                q = embed([args.query], name=args.embedder)[0]
+                hits = db.semantic_search(q, keyword=args.keyword, **filters)
+                if args.why and len(hits):
+                    from .search_explain import match_reasons
+
+                    hits = pd.concat([hits, match_reasons(q, hits, lambda t: embed(t, name=args.embedder))], axis=1)
+                    fields.append("why")
             else:
                 hits = db.keyword_search(args.text, **filters)
-            _print(_records(hits[SEARCH_FIELDS]), args.json, _format_hits)
+            _print(_records(hits[fields]), args.json, _format_hits)
     return 0
 
 
@@ -136,6 +145,8 @@ def _format_hits(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"{_num(r['similarity']):>6} {_num(r['score'], '{:.2f}'):>6} "
                      f"{r['layer']:>5}/{r['neuron']:<6} {r['polarity']:+d}   {_clip(r['description'], width)}")
+        if r.get("why"):
+            lines.append(f"{'':>28}why: {_clip(r['why'], width)}")
     return "\n".join(lines)
 
 

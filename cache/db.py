@@ -16,6 +16,7 @@ use and assume the file does not change while open, which holds for ``read_only=
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -103,7 +104,6 @@ def _validate(conn: duckdb.DuckDBPyConnection, path: Path) -> dict[str, str]:
         if missing:
             raise MonitorError(f"{path} is a DuckDB file but not a neuron database (missing tables: "
                                f"{', '.join(missing)}): move it away and build one with `{_rebuild(path)}`.")
-        meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta").fetchall()}
         vec_type = conn.execute("SELECT data_type FROM duckdb_columns() WHERE database_name = current_database() "
                                 "AND table_name = 'embeddings' AND column_name = 'vec'").fetchall()
     except duckdb.Error as err:
@@ -155,6 +155,8 @@ class NeuronDB:
         self._stored_qs: list[float] | None = None
         self.version = meta["schema_version"]
         self.tables = tuple(t for t in TABLES if t not in ABSENT_IN.get(self.version, ()))
+        self._scorer_values: dict[str, np.ndarray] = {}
+        self.has_scores = "scores" in self.tables
 
     # ------------------------------------------------------------------ basics
     def __enter__(self) -> "NeuronDB":
@@ -253,12 +255,14 @@ class NeuronDB:
     # ------------------------------------------------------------------ search
     def semantic_search(self, query_vec: np.ndarray, k: int = 20, layer_range: tuple[int, int] | None = None,
                         polarity: int | None = None, min_score: float | None = None,
-                        keyword: str | None = None) -> pd.DataFrame:
+                        keyword: str | None = None, scorer: str | None = None) -> pd.DataFrame:
         """The k (neuron, polarity) descriptions most similar to ``query_vec`` [d].
 
         similarity = cos(vec, q) = vec · q / ‖q‖ (stored vecs are unit length). Filters
         (inclusive ``layer_range`` (lo, hi), ``polarity`` ±1, ``score >= min_score``, literal
-        case-insensitive ``keyword`` in text or summary) select candidates before the top-k.
+        case-insensitive ``keyword`` in text or summary) select candidates before the top-k;
+        with ``scorer``, ``min_score`` applies to that scorer's value (see :meth:`scorers`)
+        instead of the main score.
         Columns: :data:`RESULT_COLUMNS`, most similar first.
         """
         k, layer_range, polarity, min_score = self._check_filters(k, layer_range, polarity, min_score)
@@ -277,12 +281,14 @@ class NeuronDB:
                                     + _keyword_clause(), _keyword_params(keyword)).fetchnumpy()
             codes, ok = self.keys.codes(found["layer"], found["neuron"], found["polarity"])
             codes = codes[ok]
-        mask = index.mask(layer_range, polarity, min_score, codes)
+        score = None if scorer is None or min_score is None else self.scorer_values(scorer)[index.codes]
+        mask = index.mask(layer_range, polarity, min_score, codes, score=score)
         top, sims = index.top_k(q, k, mask)
         return self._result_rows(index.layer[top], index.neuron[top], index.polarity[top], sims)
 
     def keyword_search(self, text: str, k: int = 50, layer_range: tuple[int, int] | None = None,
-                       polarity: int | None = None, min_score: float | None = None) -> pd.DataFrame:
+                       polarity: int | None = None, min_score: float | None = None,
+                       scorer: str | None = None) -> pd.DataFrame:
         """Descriptions whose text or summary contains ``text`` (case-insensitive, literal: ``%``,
         ``_`` and quotes match themselves), best score first. Columns as :meth:`semantic_search`,
         similarity NULL."""
@@ -294,7 +300,12 @@ class NeuronDB:
         if polarity is not None:
             where.append("polarity = ?")
             params.append(polarity)
-        if min_score is not None:
+        if min_score is not None and scorer is not None:
+            self._check_scorer(scorer)
+            where.append("(layer, neuron, polarity) IN (SELECT layer, neuron, polarity FROM scores "
+                         "WHERE scorer = ? AND value >= ?)")
+            params += [scorer, min_score]
+        elif min_score is not None:
             where.append("score >= ?")
             params.append(min_score)
         with self.cursor() as cur:
@@ -374,18 +385,6 @@ class NeuronDB:
             "exemplars": exemplars,
         }
 
-    def scores_for(self, layer: int, neuron: int) -> pd.DataFrame:
-        """Every score of the neuron's descriptions (both polarities), one row per (polarity, scorer),
-        positive polarity first, then by scorer. Columns: the scores table's. Empty for a
-        version-1 file, which has no scores table."""
-        layer, neuron = self.check_neuron(layer, neuron)
-        cols = list(COLUMNS["scores"])
-        if "scores" not in self.tables:
-            return pd.DataFrame({c: [] for c in cols})
-        with self.cursor() as cur:
-            return cur.execute(f"SELECT {', '.join(cols)} FROM scores WHERE layer = ? AND neuron = ? "
-                               "ORDER BY polarity DESC, scorer", [layer, neuron]).df()
-
     def stored_quantiles(self) -> list[float]:
         """The distinct q values in ``quantiles``, ascending."""
         if self._stored_qs is None:
@@ -451,6 +450,61 @@ class NeuronDB:
         self_row = (hits["layer"] == int(layer)) & (hits["neuron"] == int(neuron)) & (hits["polarity"] == int(polarity))
         return hits[~self_row].head(int(k)).reset_index(drop=True)
 
+    # ------------------------------------------------------------------ scores
+    def scorers(self) -> list[dict]:
+        """Every scorer in the scores table: [{name, version, description}] (meta ``scorers``, else
+        the table's distinct names); [] for a version-1 file."""
+        if not self.has_scores:
+            return []
+        try:
+            listed = json.loads(self.meta.get("scorers") or "[]")
+        except ValueError:
+            listed = []
+        with self.cursor() as cur:
+            names = [r[0] for r in cur.execute("SELECT DISTINCT scorer FROM scores ORDER BY scorer").fetchall()]
+        known = {d.get("name"): d for d in listed if isinstance(d, dict)}
+        return [{"name": n, "version": known.get(n, {}).get("version"), "description": known.get(n, {}).get("description")}
+                for n in [d for d in known if d in names] + [n for n in names if n not in known]]
+
+    def _check_scorer(self, scorer: str) -> None:
+        names = [d["name"] for d in self.scorers()]
+        if scorer not in names:
+            raise MonitorError(f"Scorer {scorer!r} is not in this database; it has: {', '.join(names) or 'none'}.")
+
+    def scorer_values(self, scorer: str) -> np.ndarray:
+        """float64 [n_layers · n_neurons · 2] of one scorer's value per key code (see
+        :func:`cache.key_map.key_codes`); NaN where it has none. Cached; read-only."""
+        vals = self._scorer_values.get(scorer)
+        if vals is None:
+            self._check_scorer(scorer)
+            with self.cursor() as cur:
+                rows = cur.execute("SELECT layer, neuron, polarity, value FROM scores WHERE scorer = ?",
+                                   [scorer]).fetchnumpy()
+            vals = np.full(self.n_layers * self.n_neurons * 2, np.nan)
+            codes, ok = self.keys.codes(rows["layer"], rows["neuron"], rows["polarity"])
+            vals[codes[ok]] = np.ma.filled(np.ma.asarray(rows["value"]), np.nan).astype(np.float64)[ok]
+            vals.setflags(write=False)
+            self._scorer_values[scorer] = vals
+        return vals
+
+    def scores_for(self, layer: int, neuron: int) -> pd.DataFrame:
+        """Every score row of one neuron (both polarities; columns as the scores table),
+        positive polarity first; empty for a version-1 file."""
+        layer, neuron = self.check_neuron(layer, neuron)
+        cols = ["layer", "neuron", "polarity", "scorer", "version", "value", "split", "n", "detail"]
+        if not self.has_scores:
+            return pd.DataFrame(columns=cols)
+        with self.cursor() as cur:
+            df = cur.execute(f"SELECT {', '.join(cols)} FROM scores WHERE layer = ? AND neuron = ? "
+                             "ORDER BY polarity DESC, scorer", [layer, neuron]).df()
+        return _typed(df)
+
+    def scores_wide(self, layer, neuron, polarity) -> pd.DataFrame:
+        """One column per scorer (its value, NaN where none) for the given keys [m], in order."""
+        codes, ok = self.keys.codes(layer, neuron, polarity)
+        return pd.DataFrame({d["name"]: np.where(ok, self.scorer_values(d["name"])[codes], np.nan)
+                             for d in self.scorers()})
+
     def descriptions_for(self, pairs: Iterable[Sequence[int]]) -> pd.DataFrame:
         """Both polarities' description, summary and score for each (layer, neuron), in the
         given order (repeats kept); NULL where missing. Columns: :data:`DESCRIPTION_COLUMNS`."""
@@ -463,6 +517,11 @@ class NeuronDB:
             out[f"summary_{suffix}"] = hits["summary"].to_numpy(object)
             out[f"score_{suffix}"] = hits["score"].to_numpy(np.float64)
         return _typed(pd.DataFrame(out)[DESCRIPTION_COLUMNS])
+
+
+def _finite(v) -> float | None:
+    """A stored score as a float, None for NULL or NaN."""
+    return None if v is None or not np.isfinite(v) else float(v)
 
 
 def _keyword_clause() -> str:

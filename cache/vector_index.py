@@ -66,9 +66,11 @@ class EmbeddingIndex:
         return self.mat.shape[1]
 
     def mask(self, layer_range: tuple[int, int] | None = None, polarity: int | None = None,
-             min_score: float | None = None, codes: np.ndarray | None = None) -> np.ndarray | None:
+             min_score: float | None = None, codes: np.ndarray | None = None,
+             score: np.ndarray | None = None) -> np.ndarray | None:
         """bool [n]: rows with lo ≤ layer ≤ hi, the polarity, score ≥ min_score, and key code in
-        ``codes``. None when nothing is filtered."""
+        ``codes``; ``score`` [n] replaces the main score (e.g. another scorer's values). None when
+        nothing is filtered."""
         keep = None
 
         def both(m):
@@ -79,7 +81,7 @@ class EmbeddingIndex:
         if polarity is not None:
             keep = both(self.polarity == polarity)
         if min_score is not None:
-            keep = both(self.score >= min_score)  # NaN (unscored) compares False
+            keep = both((self.score if score is None else score) >= min_score)  # NaN (unscored) compares False
         if codes is not None:
             rows = self.row_of[np.asarray(codes, np.int64)]
             sel = np.zeros(len(self), bool)

@@ -236,6 +236,14 @@ def embed_query(text: str) -> np.ndarray:
         return embed([text])[0]
 
 
+def embed_texts(texts: list[str]) -> np.ndarray:
+    """Unit-length embeddings [n, d] of a few texts (search explanations), serialised like queries."""
+    from cache.embedder import embed
+
+    with _EMBED_LOCK:
+        return embed(list(texts))
+
+
 @dataclass
 class Resources:
     """What a page needs: config, model and database (each may carry an error)."""

@@ -15,6 +15,8 @@ embedded model beyond :func:`ensure_embedded_model`.
 
 from __future__ import annotations
 
+import functools
+
 import importlib.util
 import json
 import os
@@ -180,6 +182,16 @@ def _resolve_source(name: str) -> tuple[str, bool]:
 
 
 _ALLOCATOR_TUNED = False
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def tune_allocator() -> bool:

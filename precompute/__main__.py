@@ -36,10 +36,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-dataset", default=None, help="a Hugging Face dataset id (needs MONITOR_ONLINE=1)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--k", type=int, default=20, help="top exemplars kept per neuron and polarity (≥ 20)")
-    p.add_argument("--n-random", type=int, default=20, help="random sequences kept for every neuron")
+    p.add_argument("--n-random", type=int, default=40,
+                   help="random sequences kept for every neuron (half the explainer's background, half held out)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="activation pass arithmetic: auto = bf16 autocast on a CPU with bf16 instructions, else fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--embedding-model", default=None, help="a local sentence-transformers folder")
-    p.add_argument("--checkpoint-every", type=int, default=20, help="batches between activation checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=64, help="batches between activation checkpoints")
     p.add_argument("--embed-chunk", type=int, default=4096, help="descriptions per embedding checkpoint")
     p.add_argument("--layers", default=None, help="describe only these layers, e.g. 0,5,10-12 (default: all)")
     p.add_argument("--work-dir", default=None, help="build folder (default data/build/<model>)")
@@ -69,7 +72,7 @@ def _config(args) -> BuildConfig:
     return BuildConfig(
         model=args.model, profile=args.profile, seq_len=args.seq_len, n_sequences=args.n_sequences,
         files=list(args.files), hf_dataset=args.hf_dataset, batch_size=args.batch_size, k=args.k,
-        n_random=args.n_random, seed=args.seed, embedding_model=args.embedding_model,
+        n_random=args.n_random, seed=args.seed, embedding_model=args.embedding_model, precision=args.precision,
         checkpoint_every=args.checkpoint_every, embed_chunk=args.embed_chunk, layers=args.layers, work_dir=args.work_dir, db=args.db, llm=llm,
     )
 

@@ -1,21 +1,41 @@
-"""The offline explainer: a description per (neuron, polarity) from exemplars and weights.
+"""The offline explainers: a description per (neuron, polarity) from exemplars and weights.
 
-No language model is involved. Each description is assembled from three measurements:
+No language model is involved. The default, **contrastive** explainer (``offline-v2``,
+:func:`describe`) says what distinguishes a neuron's train exemplars from the corpus:
 
-1. **Activating tokens**: over the neuron's train exemplars, the tokens where it is at
-   or above half of that sequence's extreme (signed by polarity), counted and ranked.
-2. **Context**: the corpus source most of those exemplars come from (its share must be
-   ≥ 50%, else "mixed text"), plus the words around the activating tokens that are most
-   over-represented relative to the whole corpus (count × idf).
-3. **Output weights**: the tokens the neuron's output column promotes and suppresses
-   through the unembedding, ``W_U · (g ⊙ W_down[:, n])`` with ``g`` the final RMSNorm
-   weight (the "logit lens" of the neuron; signs swap for polarity −1).
+1. **Tokens by log-odds, not frequency.** Each train exemplar votes once per token that is
+   at or above half of its peak (weight: that token's best fraction of the peak), so one
+   repetitive exemplar cannot outvote the token that peaks in five. Tokens are ranked by
+   the z-scored log-odds of that vote against the token's corpus frequency (Monroe et al.'s
+   "informative Dirichlet" log-odds with a 0.5 prior): ``δ = log((k+a)/(K−k+a)) −
+   log((C+a)/(N−C+a))``, ``z = δ / √(1/(k+a) + 1/(C+a))``.
+2. **The token before the peak.** ``' was' after 'When'`` when one previous token precedes
+   the top token in ≥ 60% of its exemplars and at least twice as often as in the corpus.
+3. **A quoted snippet** around the peak of the strongest exemplar, e.g. ``“When[ was] the”``.
+4. **Position**: "at the window start" when most exemplars peak on the first scored position
+   (windows cut mid-text, so the model sees that token without its context).
+5. **Source**, one weighted feature: "mostly in Bible verses (11/15)" only when one corpus
+   source holds ≥ 50% of the exemplars and at least twice its corpus share.
+6. **Context words** (idf-weighted words around the peaks, chat-template words left out) in
+   some candidates.
+7. **Diffuse**: when no token recurs in at least a quarter of the exemplars the description
+   says so ("Fires on no single token (diffuse); also …") instead of forcing three tokens.
+8. **Output side**, a separate last clause: ``Output: promotes …; suppresses …`` — the
+   tokens the neuron's output column promotes and suppresses through the unembedding,
+   ``W_U · (g ⊙ W_down[:, n])`` with ``g`` the final RMSNorm weight (signs swap for −1).
 
-Example: "Fires on ':', ' 3' in Bible verses (book chapter:verse references); context:
-lord, israel, said; promotes ' Lord', ' God'; suppresses ' the'."
-The summary keeps the tokens, a short topic and two context words in under 15 words;
-it is what gets embedded for semantic search (3× faster to embed than the full text on
-a CPU, and the output-token part adds little to a concept search).
+Several candidates (1–3 tokens, with or without the previous token, with or without context
+words) are simulated on the **train** windows (train top exemplars plus the train half of
+the random sequences) with the token-match simulator (:mod:`precompute.simulate`), and the
+best is kept. Held-out scores are computed later, by the scores stage, on windows no
+candidate was chosen on.
+
+The summary (under 15 words, what is embedded for search) leads with the tokens and adds
+the source only when it is distinctive, e.g. "' Lord', ' God' in Bible verses".
+
+:func:`describe_v1` is the previous explainer (``offline-v1``: the three most frequent hot
+tokens, counted up to 8 per exemplar, "in <dominant source>", context words and the logit
+lens), kept as the benchmark's baseline.
 """
 
 from __future__ import annotations
@@ -23,11 +43,14 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-EXPLAINER_ID = "offline-v1"
+from .simulate import loose
+
+EXPLAINER_V1_ID = "offline-v1"  # the previous explainer, kept as the benchmark's baseline
 
 SHORT_TOPICS = {
     "bible": "Bible verses",
@@ -122,7 +145,206 @@ class ContextStats:
         return math.log((1 + self.n) / (1 + self.df.get(word, 0)))
 
 
-def describe(
+EXPLAINER_ID = "offline-v2"
+INACTIVE = "Never active in this polarity on the corpus."
+INACTIVE_SUMMARY = "never active"
+PRIOR = 0.5  # the log-odds' Dirichlet prior per token
+HOT = 0.5  # a position is "hot" at ≥ this fraction of its exemplar's peak
+# Words of the chat template and its default system prompt: context words they are not.
+CHAT_WORDS = {"im_start", "im_end", "assistant", "user", "system", "smollm", "helpful", "named", "trained",
+              "hugging", "face", "start", "end", "you", "are"}
+
+
+class CorpusStats:
+    """What the contrastive explainer compares exemplars against: token and bigram counts over
+    every scored corpus position, each source's share, word document frequencies."""
+
+    def __init__(self, corpus, skip_prefix: int = 1):
+        ids = np.asarray(corpus.token_ids, dtype=np.int64)
+        body = ids[:, skip_prefix:]
+        self.vocab = int(ids.max()) + 1 if ids.size else 1
+        self.counts = np.bincount(body.ravel(), minlength=self.vocab).astype(np.float64)  # [V]
+        self.n = float(body.size)
+        s = max(skip_prefix, 1)
+        pairs = (ids[:, s - 1:-1] * self.vocab + ids[:, s:]).ravel()  # (previous, current) codes
+        keys, cnt = np.unique(pairs, return_counts=True)
+        self.bigrams = dict(zip(keys.tolist(), cnt.tolist()))
+        src = Counter(corpus.sources)
+        self.source_share = {s: c / max(len(corpus), 1) for s, c in src.items()}
+        self.ctx = ContextStats(corpus.texts)
+        self.strings: dict[int, str] = {}
+        for row_ids, row_toks in zip(ids, corpus.tokens):
+            for i, t in zip(row_ids.tolist(), row_toks):
+                self.strings.setdefault(i, t)
+
+    def bigram_share(self, prev: int, tok: int) -> float:
+        """P(prev before tok) in the corpus."""
+        c = self.counts[tok] if tok < self.vocab else 0.0
+        return self.bigrams.get(prev * self.vocab + tok, 0) / c if c else 0.0
+
+
+@dataclass
+class Evidence:
+    """The measurements one description is assembled from (see the module docstring)."""
+
+    n: int                                   # exemplars active in this polarity
+    tokens: list[tuple[int, float, int]]     # (token id, z, support), best first
+    after: dict[int, tuple[int, int]]        # token id → (previous token id, exemplars)
+    start: int                               # exemplars peaking on the first scored position
+    source: tuple[str, int] | None           # distinctive source and its exemplar count
+    context: list[str]
+    snippet: str
+
+
+def evidence(polarity: int, windows, stats: CorpusStats, window: int = 6) -> Evidence | None:
+    """The contrastive evidence of one (neuron, polarity) from its train top exemplars; None if never active."""
+    n_top = windows.n_top
+    signed = polarity * windows.acts[:n_top]  # [n, T']
+    ids = windows.token_ids[:n_top]
+    if not n_top or signed.shape[1] == 0:
+        return None
+    peaks = signed.max(axis=1)
+    live = np.flatnonzero(peaks > 0)
+    if not len(live):
+        return None
+    votes: dict[int, float] = {}
+    support: Counter = Counter()
+    where: dict[int, list[tuple[int, int]]] = {}  # token → (exemplar, its best position)
+    words: Counter = Counter()
+    start = 0
+    for e in live.tolist():
+        frac = signed[e] / peaks[e]
+        hot = np.flatnonzero(frac >= HOT)
+        best: dict[int, tuple[float, int]] = {}
+        for p in hot.tolist():
+            t = int(ids[e, p])
+            if t not in best or frac[p] > best[t][0]:
+                best[t] = (float(frac[p]), p)
+        for t, (w, p) in best.items():
+            votes[t] = votes.get(t, 0.0) + w
+            support[t] += 1
+            where.setdefault(t, []).append((e, p))
+        top = int(np.argmax(signed[e]))
+        start += top == 0
+        toks = windows.tokens[e]
+        around = "".join(toks[max(0, top - window): top + window + 1])
+        words.update({w.lower() for w in WORD.findall(around)} - STOPWORDS - CHAT_WORDS)
+    cand = np.fromiter(votes.keys(), np.int64)
+    k = np.fromiter(votes.values(), np.float64)
+    c = stats.counts[np.minimum(cand, stats.vocab - 1)] * (cand < stats.vocab)
+    big_k, n = k.sum(), stats.n
+    delta = np.log((k + PRIOR) / (big_k - k + PRIOR)) - np.log((c + PRIOR) / (n - c + PRIOR))
+    z = delta / np.sqrt(1.0 / (k + PRIOR) + 1.0 / (c + PRIOR))
+    order = np.argsort(-z, kind="stable")
+    ranked = [(int(cand[i]), float(z[i]), int(support[int(cand[i])])) for i in order[:24]]
+    if len(live) >= 4:  # tokens that recur first: one exemplar is an anecdote
+        ranked = [r for r in ranked if r[2] >= 2] + [r for r in ranked if r[2] < 2]
+    ranked = ranked[:8]
+    after: dict[int, tuple[int, int]] = {}
+    for t, _, sup in ranked[:3]:
+        prevs = Counter(int(ids[e, p - 1]) for e, p in where[t] if p >= 1)
+        if prevs:
+            prev, cnt = prevs.most_common(1)[0]
+            share = cnt / len(where[t])
+            if cnt >= 2 and share >= 0.6 and share >= 2 * stats.bigram_share(prev, t):
+                after[t] = (prev, cnt)
+    src = Counter(windows.sources[e] for e in live.tolist())
+    source = None
+    if src:
+        s, cnt = src.most_common(1)[0]
+        if cnt / len(live) >= 0.5 and cnt / len(live) >= 2 * stats.source_share.get(s, 0.0):
+            source = (s, cnt)
+    context = sorted((w for w, c in words.items() if c >= 2), key=lambda w: (-words[w] * stats.ctx.idf(w), w))[:3]
+    e0 = int(live[np.argmax(peaks[live])])
+    p0 = int(np.argmax(signed[e0]))
+    toks = windows.tokens[e0]
+    snip = "".join(toks[max(0, p0 - 5): p0]) + "[" + toks[p0] + "]" + "".join(toks[p0 + 1: p0 + 3])
+    snip = snip.replace("\n", "⏎").replace(";", ",").replace("'", "’").replace('"', "”")
+    return Evidence(len(live), ranked, after, start, source, context, f"“{snip.strip()}”")
+
+
+def _token_list(ev: Evidence, strings: dict[int, str], m: int, with_after: bool) -> str:
+    parts = []
+    for t, _, _ in ev.tokens[:m]:
+        s = show(strings.get(t, "?"))
+        if with_after and t in ev.after:
+            s += f" after {show(strings.get(ev.after[t][0], '?'))}"
+        parts.append(s)
+    return ", ".join(parts)
+
+
+SUMMARY_TOKENS = 2  # tokens a summary names
+
+
+def _candidate(polarity: int, ev: Evidence, stats: CorpusStats, m: int, with_after: bool, ctx: bool,
+               out_clause: str) -> tuple[str, str]:
+    verb = "Fires on" if polarity > 0 else "Goes most negative on"
+    named = _token_list(ev, stats.strings, m, with_after)
+    recurring = ev.tokens[0][2] >= max(2, 0.25 * ev.n)
+    head = (f"{verb} {named} ({ev.tokens[0][2]}/{ev.n} top windows)" if recurring
+            else f"{verb} no single token (diffuse); also {named}")
+    clauses = [head]
+    if ctx:
+        clauses.append(f"context: {', '.join(ev.context)}")
+    if ev.source:
+        clauses.append(f"mostly in {topic_of(ev.source[0], short=True)} ({ev.source[1]}/{ev.n})")
+    start = ev.start >= max(2, 0.5 * ev.n)
+    if start:
+        clauses.append(f"at the window start ({ev.start}/{ev.n})")
+    clauses.append(f"e.g. {ev.snippet}")
+    # The summary is what search embeds: at most two tokens and the distinctive source, so it
+    # stays short (embedding cost grows with length) and leads with the behaviour.
+    short = ("" if recurring else "diffuse: ") + _token_list(ev, stats.strings, min(m, SUMMARY_TOKENS), with_after)
+    if start:
+        short = f"window start: {short}"
+    if ev.source:
+        short += f" in {topic_of(ev.source[0], short=True)}"
+    return "; ".join(clauses) + "." + out_clause, " ".join(short.split()[:14])
+
+
+MAX_TOKENS = 4
+
+
+def describe(polarity: int, train, stats: CorpusStats, simulator, promotes: list[str],
+             suppresses: list[str]) -> tuple[str, str, float | None]:
+    """The best candidate by train simulation score: ``(text, summary, train score)``.
+
+    ``train`` is :meth:`ExemplarView.train` with ``with_random=True`` (the explainer reads
+    its train top exemplars; candidates are compared on those plus the train random
+    sequences); ``simulator`` a :class:`~precompute.simulate.Simulator`. Candidates name
+    the 1…4 best tokens, with and without their previous tokens; context words are then
+    tried on the best of those. Ties go to the simpler candidate."""
+    ev = evidence(polarity, train, stats)
+    if ev is None:
+        return INACTIVE, INACTIVE_SUMMARY, None
+    if polarity < 0:
+        promotes, suppresses = suppresses, promotes
+    out_clause = (f" Output: promotes {', '.join(show(t) for t in readable(promotes))}; "
+                  f"suppresses {', '.join(show(t) for t in readable(suppresses))}." if promotes or suppresses else "")
+    named = {loose(stats.strings.get(t, "")) for t, _, _ in ev.tokens[:MAX_TOKENS]}
+    ev.context = [w for w in ev.context if w not in named]  # a named token is not its own context
+    variants = []
+    for m in range(1, min(MAX_TOKENS, len(ev.tokens)) + 1):
+        if any(t in ev.after for t, _, _ in ev.tokens[:m]):
+            variants.append((m, True, False))
+        variants.append((m, False, False))
+    cands = [_candidate(polarity, ev, stats, *v, out_clause) for v in variants]
+    scores = simulator.scores([c[0] for c in cands], polarity, train)
+    best = _best(scores)
+    if ev.context:
+        m, after, _ = variants[best]
+        cands.append(_candidate(polarity, ev, stats, m, after, True, out_clause))
+        scores += simulator.scores([cands[-1][0]], polarity, train)
+        best = _best(scores)
+    return cands[best][0], cands[best][1], scores[best]
+
+
+def _best(scores: list[float | None]) -> int:
+    """The index of the highest score (None lowest; the earliest of equal ones)."""
+    return max(range(len(scores)), key=lambda i: (-math.inf if scores[i] is None else scores[i], -i))
+
+
+def describe_v1(
     polarity: int,
     exemplar_tokens: list[list[str]],
     exemplar_acts: np.ndarray,

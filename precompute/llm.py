@@ -26,14 +26,13 @@ import numpy as np
 from engine.errors import MonitorError, at_least
 from engine.llm_client import ENV_BASE_URL, ENV_MODEL, ChatClient, Endpoint, RequestCache, read_env
 
+from .describe import INACTIVE, INACTIVE_SUMMARY
 from .exemplar_view import ExemplarView
 from .llm_prompts import (PROMPT_VERSION, explain_messages, mark_exemplar, parse_explanation, parse_simulation,
                           simulate_messages)
 from .simulate import pearson
 
 CACHE_NAME = "llm-cache.sqlite"
-INACTIVE = "Never active in this polarity on the corpus."
-INACTIVE_SUMMARY = "never active"
 
 
 @dataclass
@@ -118,8 +117,8 @@ class ScoreJob:
 class Explanation:
     text: str
     summary: str
-    score: float
-    candidates: list[tuple[str, float]]  # every candidate's (description, score), in sampling order
+    score: float | None  # None: no prediction
+    candidates: list[tuple[str, float | None]]  # every candidate's (description, score), in sampling order
 
 
 class LLMExplainer:
@@ -144,6 +143,14 @@ class LLMExplainer:
     @property
     def scorer_id(self) -> str:
         return self.cfg.scorer_id
+
+    @property
+    def scorer_version(self) -> str:
+        return PROMPT_VERSION
+
+    def score_windows(self, items: list[tuple[str, int, object]]) -> list[float | None]:
+        """Scores of (description, polarity, :class:`~precompute.exemplar_view.Windows`) triples."""
+        return self._scores([(t, p, self._heldout(w.tokens, w.acts)) for t, p, w in items])
 
     @property
     def stats(self) -> dict:
@@ -230,7 +237,7 @@ class LLMExplainer:
         a = np.asarray(acts, dtype=np.float32)
         return [(tuple(t[self.skip:]), a[i, self.skip:]) for i, t in enumerate(tokens)]
 
-    def _scores(self, items: list[tuple[str, int, list]]) -> list[float]:
+    def _scores(self, items: list[tuple[str, int, list]]) -> list[float | None]:
         """Scores of ``(description, polarity, heldout)`` triples, simulating each unique pair once."""
         calls = {}
         for text, _, held in items:
@@ -244,7 +251,7 @@ class LLMExplainer:
         for text, pol, held in items:
             held = [(t, a) for t, a in held if t]
             if text == INACTIVE or not held:
-                out.append(0.0)
+                out.append(None)  # no prediction: NULL, not a measured 0
                 continue
             true = np.concatenate([pol * a for _, a in held])
             out.append(pearson(true, np.concatenate([sims[(text, t)] for t, _ in held])))
@@ -269,16 +276,16 @@ class LLMExplainer:
             cs = cands.get(i, [])
             if not cs:
                 if prompts[i] is not None:  # the LLM answered, but with nothing usable
-                    out.append(Explanation("(no description: the explainer's answers were empty)", "no description", 0.0, []))
+                    out.append(Explanation("(no description: the explainer's answers were empty)", "no description", None, []))
                 else:
-                    out.append(Explanation(INACTIVE, INACTIVE_SUMMARY, 0.0, []))
+                    out.append(Explanation(INACTIVE, INACTIVE_SUMMARY, None, []))
                 continue
             sc = per_job[i]
-            best = int(np.argmax(sc))  # the first of equal scores
+            best = int(np.argmax([-np.inf if x is None else x for x in sc]))  # the first of equal scores
             out.append(Explanation(cs[best][0], cs[best][1], sc[best], [(t, s) for (t, _), s in zip(cs, sc)]))
         return out
 
-    def score_many(self, jobs: list[ScoreJob]) -> list[float]:
+    def score_many(self, jobs: list[ScoreJob]) -> list[float | None]:
         """Simulation scores of given descriptions (each unique simulation is cached, so re-scoring is free)."""
         return self._scores([(j.description, j.polarity, self._heldout(j.heldout_tokens, j.heldout_acts)) for j in jobs])
 
@@ -296,7 +303,7 @@ def run_descriptions(build, chunk: int = 128) -> dict:
     view = ExemplarView.of_build(build)
     n = build.lm.n_neurons
     outs = OutputTokens(build.lm)
-    with LLMExplainer(cfg, build.root / CACHE_NAME, skip_prefix=build.cfg.skip_prefix, progress=build.progress) as ex:
+    with LLMExplainer(cfg, build.root / CACHE_NAME, skip_prefix=0, progress=build.progress) as ex:  # the view drops the sink
 
         def layer_rows(layer: int) -> pd.DataFrame:
             promotes, suppresses = outs.layer(layer)
@@ -312,25 +319,8 @@ def run_descriptions(build, chunk: int = 128) -> dict:
         return {"explainer": ex.explainer_id, **ex.stats}
 
 
-def run_scores(build, chunk: int = 256) -> dict:
-    """The scores stage with the LLM simulator (the descriptions stage's simulations come from the cache)."""
-    import pandas as pd
-
-    from .pipeline import SCORE_COLUMNS
-
-    cfg = build.cfg.llm
-    view = ExemplarView.of_build(build)
-    n = build.lm.n_neurons
-    with LLMExplainer(cfg, build.root / CACHE_NAME, skip_prefix=build.cfg.skip_prefix, progress=build.progress) as ex:
-
-        def layer_rows(layer: int) -> pd.DataFrame:
-            text = build.layer_text(layer)
-            rows = []
-            for a in range(0, n, chunk):
-                feats = list(view.features(layer, range(a, min(a + chunk, n)), with_train=False))
-                jobs = [ScoreJob(text[(neuron, pol)], pol, ht, ha) for neuron, pol, _, _, ht, ha in feats]
-                rows += [(layer, neuron, pol, sc) for (neuron, pol, *_), sc in zip(feats, ex.score_many(jobs))]
-            return pd.DataFrame(rows, columns=SCORE_COLUMNS)
-
-        build.per_layer("scores", f"scores ({ex.scorer_id}, per layer)", layer_rows)
-        return {"scorer": ex.scorer_id, **ex.stats}
+def open_scorer(build) -> "LLMExplainer":
+    """The LLM simulator for the scores stage (close it when done; the descriptions stage's
+    simulations come from the request cache). Its windows come from the exemplar view, which
+    has already removed the sink position."""
+    return LLMExplainer(build.cfg.llm, build.root / CACHE_NAME, skip_prefix=0, progress=build.progress)

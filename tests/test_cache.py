@@ -57,6 +57,8 @@ class Synthetic:
         self.unit = self.raw / np.linalg.norm(self.raw, axis=1, keepdims=True)
         self.score = rng.uniform(-0.2, 0.9, len(keys))
         self.score[rng.random(len(keys)) < 0.1] = np.nan  # some unscored
+        self.auc = rng.uniform(0, 1, len(keys))
+        self.auc[rng.random(len(keys)) < 0.1] = np.nan
         self.text = [SPECIAL.get(k, f"topic {i % 7} of neuron {k[0]}/{k[1]}") for i, k in enumerate(keys)]
         self.seq_text = [f"sequence number {s} text" for s in range(20)]
         self.tokens = [[f"t{s}_{j}" for j in range(T)] for s in range(20)]
@@ -82,7 +84,14 @@ class Synthetic:
                                         "text": self.seq_text, "tokens": self.tokens}))
         w.write_descriptions(pd.DataFrame({
             "layer": self.layer, "neuron": self.neuron, "polarity": self.polarity, "text": self.text,
-            "summary": [f"summary {i}" for i in range(len(self.keys))], "score": self.score, "explainer": "test"}))
+            "summary": [f"summary {i}" for i in range(len(self.keys))], "score": self.score, "explainer": "test",
+            "score_scorer": np.where(np.isnan(self.score), None, "sim-x")}))
+        n = len(self.keys)
+        w.write_scores(pd.DataFrame({
+            "layer": np.tile(self.layer, 2), "neuron": np.tile(self.neuron, 2), "polarity": np.tile(self.polarity, 2),
+            "scorer": ["sim-x"] * n + ["auc-x"] * n, "version": ["1"] * (2 * n),
+            "value": np.concatenate([self.score, self.auc]), "split": ["test"] * (2 * n), "n": [25] * (2 * n),
+            "detail": [None] * (2 * n)}))
         # embeddings in two batches, out of key order
         half = len(self.keys) // 2
         for sl in (slice(half, None), slice(0, half)):
@@ -495,3 +504,58 @@ def test_real_embedder_ranks_bible_verses(tmp_path, capsys):
     assert main(["search", "Bible verses", "--db", str(path), "--k", "2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["neuron"] for r in rows] == [0, 1] and rows[0]["similarity"] > rows[1]["similarity"]
+
+
+# --------------------------------------------------------------------------- scores table (schema 2)
+def test_scores_table_lookups_and_scorer_filter(tmp_path, synth):
+    path = tmp_path / "scores.duckdb"
+    synth.write(path, scorers=json.dumps([{"name": "sim-x", "version": "1", "description": "a correlation"}]))
+    with open_database(path) as db:
+        assert [d["name"] for d in db.scorers()] == ["sim-x", "auc-x"]  # meta's order, then the rest
+        rows = db.scores_for(1, 3)
+        assert len(rows) == 4 and set(rows.scorer) == {"sim-x", "auc-x"} and list(rows.polarity[:2]) == [1, 1]
+        i = synth.keys.index((1, 3, 1))
+        got = rows[(rows.polarity == 1) & (rows.scorer == "auc-x")].value.iloc[0]
+        assert (np.isnan(got) and np.isnan(synth.auc[i])) or got == pytest.approx(synth.auc[i])
+        # min_score on another scorer filters before the top-k, like brute force
+        q = np.random.default_rng(5).standard_normal(D).astype(np.float32)
+        hits = db.semantic_search(q, k=15, min_score=0.5, scorer="auc-x")
+        idx, sims = synth.expected(q, 15, keep=synth.auc >= 0.5)
+        assert list(zip(hits.layer, hits.neuron, hits.polarity)) == [synth.keys[j] for j in idx]
+        kw = db.keyword_search("topic 3", k=200, min_score=0.5, scorer="auc-x")
+        want = {synth.keys[j] for j in range(len(synth.keys)) if "topic 3" in synth.text[j] and synth.auc[j] >= 0.5}
+        assert set(zip(kw.layer, kw.neuron, kw.polarity)) == want
+        wide = db.scores_wide(hits.layer.to_numpy(), hits.neuron.to_numpy(), hits.polarity.to_numpy())
+        np.testing.assert_allclose(wide["auc-x"].to_numpy(), synth.auc[idx])
+        assert db.neuron(1, 3)["descriptions"][1]["scorer"] in ("sim-x", None)
+        with pytest.raises(MonitorError, match="not in this database"):
+            db.semantic_search(q, k=5, min_score=0.1, scorer="nope")
+
+
+def test_version_1_file_opens_without_scores(tmp_path, synth):
+    """A database written before the scores table (schema 1) still opens read-only."""
+    path = tmp_path / "v1.duckdb"
+    synth.write(path)
+    with duckdb.connect(str(path)) as con:
+        con.execute("DROP TABLE scores")
+        con.execute("ALTER TABLE descriptions DROP COLUMN score_scorer")
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with open_database(path) as db:
+        assert not db.has_scores and db.scorers() == []
+        assert db.scores_for(0, 1).empty
+        assert db.neuron(0, 1)["descriptions"][1]["scorer"] is None
+        assert "scores" not in db.counts()
+        assert len(db.semantic_search(np.ones(D, np.float32), k=3)) == 3
+
+
+def test_scores_writer_rejects_bad_rows(tmp_path):
+    w = DatabaseWriter(tmp_path / "bad.duckdb", embedding_dim=D)
+    row = {"layer": [0], "neuron": [0], "polarity": [1], "scorer": ["s"], "version": ["1"], "value": [0.5],
+           "split": ["test"], "n": [3], "detail": [None]}
+    with pytest.raises(ValueError, match="split"):
+        w.write_scores(pd.DataFrame({**row, "split": ["valid"]}))
+    with pytest.raises(ValueError, match="polarity"):
+        w.write_scores(pd.DataFrame({**row, "polarity": [0]}))
+    w.write_scores(pd.DataFrame({**row, "value": [np.nan]}))  # NaN is stored as NULL, never 0
+    assert w.conn.execute("SELECT value IS NULL FROM scores").fetchone()[0]
+    w.close()

@@ -17,9 +17,10 @@ import pytest
 from engine.errors import MonitorError
 from precompute.corpus import PROFILES, Corpus, build_corpus, corpus_hash
 
-REQUIRED = ("prose", "bible", "dates", "changelogs", "decimals", "code", "chat")
-# at least ~10% each for the sources of the headline experiment, and prose/chat/code a bit larger
-MIN_SHARE = {"bible": 0.10, "dates": 0.10, "changelogs": 0.10, "decimals": 0.10, "prose": 0.12, "code": 0.12, "chat": 0.12}
+REQUIRED = ("prose", "plays", "bible", "dates", "changelogs", "decimals", "code", "chat")
+# at least ~10% each for the sources of the headline experiment, and prose/plays/chat/code a bit larger
+MIN_SHARE = {"bible": 0.10, "dates": 0.10, "changelogs": 0.10, "decimals": 0.10, "prose": 0.12, "plays": 0.12,
+             "code": 0.12, "chat": 0.12}
 
 # The tests' own patterns (deliberately not imported from precompute.sources).
 MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
@@ -85,7 +86,7 @@ def test_all_sources_present_with_their_shares(which, request):
     n = len(corpus)
     for name, share in MIN_SHARE.items():
         assert counts[name] / n >= share, (name, counts[name], n)
-    assert min(counts[s] for s in ("prose", "code", "chat")) > max(counts[s] for s in ("bible", "dates", "changelogs", "decimals"))
+    assert min(counts[s] for s in ("prose", "plays", "code", "chat")) > max(counts[s] for s in ("bible", "dates", "changelogs", "decimals"))
     info = {d["name"]: d for d in corpus.source_info}
     assert {k: info[k]["n_sequences"] for k in info} == dict(counts)
     for d in corpus.source_info:
@@ -107,6 +108,20 @@ def test_bible_sequences_carry_references_from_across_the_bible(default):
     assert len(books) >= 30, books  # drawn across the whole book, not its first chapters
     assert NEW_TESTAMENT & set(books) and {"Genesis", "Exodus", "Isaiah", "Psalm", "Job"} | set(books)
     assert "Gen" not in books  # abbreviations are spelled out
+    info = {d["name"]: d for d in default.source_info}["bible"]
+    assert "Public domain (World English Bible)" in info["licence"]
+    assert any("Yahweh" in default.texts[i] for i in idx)  # the WEB's rendering of the divine name
+
+
+def test_plays_are_dialogue(default):
+    idx = _of(default, "plays")
+    speaker = re.compile(r"^[A-Z][A-Za-z .']+: \S", re.M)
+    found = [len(speaker.findall(default.texts[i])) for i in idx]
+    # "Name: words" speeches: more than one per window on average, and in most windows (a long speech can fill one)
+    assert sum(found) >= len(idx) and np.mean([f > 0 for f in found]) >= 0.6
+    assert not any("**" in default.texts[i] for i in idx)  # the Markdown is gone
+    plays = {ref for ref in {d["name"]: d for d in default.source_info}["plays"]["licences"]}
+    assert len(plays) >= 20, plays  # drawn across the plays
 
 
 def test_dates_are_real_dates(default):

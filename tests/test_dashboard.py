@@ -343,6 +343,14 @@ def test_neuron_page_described_layer(env, db):
     metrics = {(m.label, m.value) for m in at.metric}
     assert ("explainer", info["descriptions"][1]["explainer"]) in metrics
     assert ("score", f"{info['descriptions'][1]['score']:.2f}") in metrics
+    # every score of both polarities, with its plain-language badge
+    from dashboard.score_badges import badge_markdown
+
+    scores = db.scores_for(8, 5)
+    assert len(scores) == 4 and set(scores.scorer) == {"offline-token-match-v2", "embedding-auc-v1"}
+    for r in scores.itertuples():
+        value = None if r.value != r.value else float(r.value)
+        assert badge_markdown(r.scorer, value) in body
     # live activation on this session's conversation, HTML-escaped
     assert "On the current conversation" in body
     live = at.html[0].value
@@ -420,6 +428,18 @@ def test_browse_semantic_search_writes_the_url(env, db):
     assert (rows["score"] >= 0.1).all()
     qp = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
     assert qp == {"q": "Bible verses", "layers": "8-15", "pol": "negative", "min_score": "0.1"}
+    # every scorer is a column with its badge, and each hit says why it matched
+    assert {"offline-token-match-v2", "embedding-auc-v1", "why"} <= set(rows.columns)
+    assert rows["why"].str.startswith("matched mostly on its ").all()
+    # the minimum applies to the chosen scorer, and the table sorts by any scorer
+    at.selectbox(key="w_browse_scorer").set_value("embedding-auc-v1")
+    at.slider(key="w_browse_min_score").set_value(0.6).run()
+    at.selectbox(key="w_browse_sort").set_value("embedding-auc-v1").run()
+    rows = table(ok(at), "browse_results")
+    auc = rows["embedding-auc-v1"]
+    assert len(rows) and (auc >= 0.6).all() and list(auc) == sorted(auc, reverse=True)
+    qp = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
+    assert qp["scorer"] == "embedding-auc-v1" and qp["sort"] == "embedding-auc-v1" and qp["min_score"] == "0.6"
 
 
 def test_browse_link_reproduces_the_view(env, db):

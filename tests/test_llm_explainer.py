@@ -192,7 +192,7 @@ def test_keeps_the_best_of_n_candidates_by_simulation_score(fake):
         (res,) = ex.explain_many([cat_job()])
     assert [t.split("[")[1] for t, _ in res.candidates] == ["fake candidate 0].", "fake candidate 1].", "fake candidate 2]."]
     scores = [s for _, s in res.candidates]
-    assert scores[0] == 0.0  # 'zzzz' predicts nothing
+    assert scores[0] is None  # 'zzzz' predicts nothing: no score (NULL), not a measured 0
     assert scores[1] == pytest.approx(1.0, abs=0.01)  # 'cat': right but for a little noise
     assert 0 < scores[2] < scores[1]  # 'cat', 'dog': dog is wrong on the held-out sequences
     assert res.text == "Fires on 'cat' [fake candidate 1]." and res.score == scores[1]
@@ -226,7 +226,8 @@ def test_malformed_simulation_falls_back_to_zeros_and_is_counted(fake):
     with LLMExplainer(config(fake, n=2)) as ex:
         (res,) = ex.explain_many([cat_job()])
         assert ex.stats["sim_failures"] == 2 * 3
-    assert all(s == 0.0 for _, s in res.candidates) and "candidate 0" in res.text  # ties: the first
+    # unparseable simulations predict nothing: no score (NULL), and the first candidate is kept
+    assert all(s is None for _, s in res.candidates) and "candidate 0" in res.text
 
 
 def test_inactive_polarity_needs_no_request(fake):
@@ -234,8 +235,8 @@ def test_inactive_polarity_needs_no_request(fake):
     job.polarity = -1  # every activation is ≥ 0: nothing is active in polarity −1
     with LLMExplainer(config(fake)) as ex:
         (res,) = ex.explain_many([job])
-        assert ex.score_many([ScoreJob(INACTIVE, -1, job.heldout_tokens, job.heldout_acts)]) == [0.0]
-    assert (res.text, res.score) == (INACTIVE, 0.0) and fake.bodies == []
+        assert ex.score_many([ScoreJob(INACTIVE, -1, job.heldout_tokens, job.heldout_acts)]) == [None]  # no prediction
+    assert (res.text, res.score) == (INACTIVE, None) and fake.bodies == []
 
 
 def test_concurrency_overlaps_requests(fake):
@@ -396,8 +397,10 @@ def test_pipeline_builds_a_database_with_llm_descriptions(fake, tiny_llama_dir, 
     assert {r[3] for r in rows} == {f"llm:{MODEL}"}
     assert all("[fake candidate" in r[0] or r[0] == INACTIVE for r in rows)
     assert any("[fake candidate 1]" in r[0] for r in rows)
-    assert all(len(r[1].split()) <= 14 and r[2] is not None for r in rows)
-    assert max(r[2] for r in rows) > 0.2
+    assert all(len(r[1].split()) <= 14 for r in rows)
+    # no score (NULL) only where nothing is predicted: an inactive polarity, or only 'zzzz' left
+    assert all(r[2] is not None or r[0] == INACTIVE or "[fake candidate 0]" in r[0] for r in rows)
+    assert max(r[2] for r in rows if r[2] is not None) > 0.2
 
     # a re-run of the LLM stages (e.g. after a kill) sends nothing new
     sent = len(fake.bodies)

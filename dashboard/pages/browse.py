@@ -1,7 +1,9 @@
 """Database browser: semantic and keyword search over neuron descriptions, filters, a chart, CSV/Parquet export.
 
-The view lives in the URL (``?q=…&mode=…&layers=lo-hi&pol=…&min_score=…&k=…``): opening a link
-reproduces it, and every change writes the URL back through ``st.query_params``.
+The view lives in the URL (``?q=…&mode=…&layers=lo-hi&pol=…&min_score=…&scorer=…&sort=…&k=…``): opening a
+link reproduces it, and every change writes the URL back through ``st.query_params``. Every scorer in the
+database is a column with a plain-language badge; the minimum-score filter applies to the chosen scorer and
+the table can be sorted by any of them. Semantic results say why they matched (:mod:`cache.search_explain`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from urllib.parse import urlencode
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, links, resources, session, widgets
+from cache.search_explain import match_reasons
+from dashboard import charts, links, resources, score_badges, session, widgets
 from engine.errors import MonitorError
 
 MODES = ["semantic", "keyword"]
@@ -38,7 +41,11 @@ imported = resources.import_note(db)
 if imported:
     st.info(imported, icon=":material/input:")
 L = db.n_layers
-DEFAULTS = {"q": "", "mode": MODES[0], "layers": (0, L - 1), "pol": POLARITIES[0], "min_score": NO_MIN, "k": DEFAULT_K}
+SCORERS = [d["name"] for d in db.scorers()]  # [] for a version-1 database
+MAIN = "main score"
+SORTS = ["similarity", *SCORERS] if SCORERS else ["similarity"]
+DEFAULTS = {"q": "", "mode": MODES[0], "layers": (0, L - 1), "pol": POLARITIES[0], "min_score": NO_MIN,
+            "scorer": MAIN, "sort": SORTS[0], "k": DEFAULT_K}
 
 
 def _parse_url() -> tuple[dict, list[str]]:
@@ -72,6 +79,16 @@ def _parse_url() -> tuple[dict, list[str]]:
             out["min_score"] = round(v, 2)
         except (TypeError, ValueError):
             bad.append(f"min_score={qp.get('min_score')!r} (use a number from -1 to 1)")
+    if "scorer" in qp:
+        if qp.get("scorer") in [MAIN, *SCORERS]:
+            out["scorer"] = qp.get("scorer")
+        else:
+            bad.append(f"scorer={qp.get('scorer')!r} (use one of: {', '.join([MAIN, *SCORERS])})")
+    if "sort" in qp:
+        if qp.get("sort") in SORTS:
+            out["sort"] = qp.get("sort")
+        else:
+            bad.append(f"sort={qp.get('sort')!r} (use one of: {', '.join(SORTS)})")
     if "k" in qp:
         try:
             v = int(qp.get("k"))
@@ -108,20 +125,25 @@ q = c1.text_input("Search", key=widgets.widget_key("browse_q", ""), max_chars=50
 widgets.remember("browse_q")
 mode = c2.radio("Search by", MODES, key=widgets.widget_key("browse_mode", MODES[0]), horizontal=True)
 widgets.remember("browse_mode")
-f1, f2, f3, f4 = st.columns([2, 1.2, 1.5, 1])
+f1, f2, f3, f5, f4 = st.columns([2, 1.1, 1.4, 1.4, 0.9])
 layers = f1.slider("Layers", 0, L - 1, key=widgets.widget_key("browse_layers", (0, L - 1)))
 widgets.remember("browse_layers")
 pol = f2.selectbox("Polarity", POLARITIES, key=widgets.widget_key("browse_pol", POLARITIES[0]))
 widgets.remember("browse_pol")
 min_score = f3.slider("Min score", -1.0, 1.0, step=0.05, key=widgets.widget_key("browse_min_score", NO_MIN),
-                      help="Description score (simulation correlation). −1 means no filter; unscored descriptions "
-                           "are dropped by any other value.")
+                      help="A description's score by the scorer on the right (the main score: simulation "
+                           "correlation). −1 means no filter; descriptions without a value are dropped by any other.")
 widgets.remember("browse_min_score")
+scorer = f5.selectbox("Score by", [MAIN, *SCORERS], key=widgets.widget_key("browse_scorer", MAIN),
+                      format_func=lambda x: x if x == MAIN else score_badges.label(x),
+                      help="Which scorer the minimum applies to.")
+widgets.remember("browse_scorer")
 k = f4.number_input("Results", 1, K_MAX, step=10, key=widgets.widget_key("browse_k", DEFAULT_K))
 widgets.remember("browse_k")
 
+sort = st.session_state.get(widgets.widget_key("browse_sort", SORTS[0]), SORTS[0])
 view = {"q": q, "mode": mode, "layers": tuple(int(x) for x in layers), "pol": pol, "min_score": round(float(min_score), 2),
-        "k": int(k)}
+        "scorer": scorer, "sort": sort if sort in SORTS else SORTS[0], "k": int(k)}
 params = _to_url(view)
 if params != {key: str(v) for key, v in st.query_params.to_dict().items()}:
     st.query_params.from_dict(params)
@@ -137,18 +159,27 @@ if not q.strip():
 polarity = {"both": None, "positive": 1, "negative": -1}[pol]
 layer_range = None if tuple(layers) == (0, L - 1) else tuple(layers)
 min_s = None if min_score <= NO_MIN else float(min_score)
+by = None if scorer == MAIN else scorer
 
 
 def _search() -> pd.DataFrame:
     if mode == "semantic":
         vec = resources.embed_query(q)
-        return db.semantic_search(vec, k=int(k), layer_range=layer_range, polarity=polarity, min_score=min_s)
-    return db.keyword_search(q, k=int(k), layer_range=layer_range, polarity=polarity, min_score=min_s)
+        hits = db.semantic_search(vec, k=int(k), layer_range=layer_range, polarity=polarity, min_score=min_s, scorer=by)
+        if len(hits):
+            hits = pd.concat([hits, match_reasons(vec, hits, resources.embed_texts)], axis=1)
+    else:
+        hits = db.keyword_search(q, k=int(k), layer_range=layer_range, polarity=polarity, min_score=min_s, scorer=by)
+    if SCORERS and len(hits):
+        wide = db.scores_wide(hits["layer"].to_numpy(), hits["neuron"].to_numpy(), hits["polarity"].to_numpy())
+        hits = pd.concat([hits, wide.set_index(hits.index)], axis=1)
+    return hits
 
 
 try:
     with st.spinner("Searching…"):
-        results = session.session_memo("browse", (res.dbr.stamp, q, mode, layer_range, polarity, min_s, int(k)), _search, 6)
+        results = session.session_memo("browse", (res.dbr.stamp, q, mode, layer_range, polarity, min_s, by, int(k)),
+                                       _search, 6)
 except MonitorError as err:
     st.error(str(err))
     st.stop()
@@ -160,19 +191,38 @@ if results.empty:
 
 results = results.copy()
 results["url"] = [links.neuron_url(l, n) for l, n in zip(results["layer"], results["neuron"])]
+sort = st.selectbox("Sort by", SORTS, key=widgets.widget_key("browse_sort", SORTS[0]),
+                    format_func=lambda x: x if x == "similarity" else score_badges.label(x),
+                    help="Order the results by their similarity to the query (keyword search: best main score "
+                         "first) or by any scorer (missing values last).")
+widgets.remember("browse_sort")
+if sort in results and not (sort == "similarity" and mode == "keyword"):
+    results = results.sort_values(sort, ascending=False, na_position="last", kind="stable")
 shown = results.assign(polarity=[charts.polarity_name(p) for p in results["polarity"]])
+for name in SCORERS:  # a plain-language badge next to every scorer's number
+    shown[f"{name} ·"] = [score_badges.verdict(name, v)[0] for v in shown[name]]
 st.markdown(f"**{len(results)}** result{'s' if len(results) != 1 else ''} for “{q}” ({mode})")
-cols = ["layer", "neuron", "polarity", "similarity", "score", "summary", "description", "url"]
-if mode == "keyword":
-    cols.remove("similarity")
-st.dataframe(shown[cols], hide_index=True, key="browse_results", height=420,
-             column_config={"similarity": st.column_config.NumberColumn(format="%.3f", width="small"),
-                            "score": st.column_config.NumberColumn(format="%.2f", width="small"),
-                            "layer": st.column_config.NumberColumn(width="small"),
-                            "neuron": st.column_config.NumberColumn(width="small"),
-                            "summary": st.column_config.TextColumn(width="medium"),
-                            "description": st.column_config.TextColumn(width="large"),
-                            "url": st.column_config.LinkColumn("neuron page", display_text="open ↗", width="small")})
+cols = ["layer", "neuron", "polarity", "similarity", "score"]
+for name in SCORERS:
+    cols += [name, f"{name} ·"]
+cols += ["summary", "why", "description", "url"]
+cols = [c for c in cols if c in shown and not (c == "similarity" and mode == "keyword")]
+config = {"similarity": st.column_config.NumberColumn(format="%.3f", width="small"),
+          "score": st.column_config.NumberColumn(format="%.2f", width="small",
+                                                 help="The main score (held-out simulation correlation)."),
+          "layer": st.column_config.NumberColumn(width="small"),
+          "neuron": st.column_config.NumberColumn(width="small"),
+          "summary": st.column_config.TextColumn(width="medium"),
+          "why": st.column_config.TextColumn("why it matched", width="large",
+                                             help="Cosine of the query to the summary's behaviour part and to its "
+                                                  "source part, and the evidence the description states."),
+          "description": st.column_config.TextColumn(width="large"),
+          "url": st.column_config.LinkColumn("neuron page", display_text="open ↗", width="small")}
+for name in SCORERS:
+    config[name] = st.column_config.NumberColumn(score_badges.label(name), format="%.2f", width="small",
+                                                 help=score_badges.meaning(name))
+    config[f"{name} ·"] = st.column_config.TextColumn("", width="small")
+st.dataframe(shown[cols], hide_index=True, key="browse_results", height=420, column_config=config)
 
 st.subheader("Where the results sit")
 st.altair_chart(charts.unvalidated(charts.search_scatter(results, L)), key="browse_chart")

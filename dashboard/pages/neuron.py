@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, highlight, links, resources, session
+from dashboard import charts, highlight, links, resources, score_badges, session
 from engine.errors import MonitorError
 
 EXEMPLARS_SHOWN = 8
@@ -85,9 +85,11 @@ if imported:
     st.info(imported, icon=":material/input:")
 
 info = None
+scores = None
 if db is not None:
     try:
         info = db.neuron(layer, neuron)
+        scores = db.scores_for(layer, neuron)
     except MonitorError as err:
         st.error(str(err))
 
@@ -108,22 +110,18 @@ if info is not None:
                 st.caption("not described")
                 continue
             m1, m2 = st.columns(2)
+            main = d.get("scorer") or db.meta.get("scorer", "")
             m1.metric("score", f"{d['score']:.2f}" if d["score"] is not None else "unscored",
-                      help=f"{d['scorer'] or 'simulation score'}: correlation between true and simulated "
-                           "activations" + (", as the source published it." if imported else " on held-out text."))
+                      help=f"The main score ({score_badges.label(main)}): {score_badges.meaning(main)}")
             m2.metric("explainer", d["explainer"])
             st.markdown(f"_{d['summary']}_")
             st.write(d["text"])
-    all_scores = db.scores_for(layer, neuron)
-    if len(all_scores) > 1 or (len(all_scores) and imported):
-        with st.expander(f"Every score of these descriptions ({len(all_scores)})"):
-            shown_scores = all_scores.assign(polarity=[charts.polarity_name(p) for p in all_scores["polarity"]])
-            st.dataframe(shown_scores[["polarity", "scorer", "version", "value", "split", "n", "detail"]],
-                         hide_index=True, key="all_scores",
-                         column_config={"value": st.column_config.NumberColumn(format="%.3f"),
-                                        "detail": st.column_config.TextColumn(width="large")})
-            st.caption("split 'source': as the publisher released it; 'test': measured here on held-out text. "
-                       "Scores of different scorers are not comparable.")
+            rows = scores[scores["polarity"] == pol] if scores is not None else []
+            for r in (rows.itertuples() if len(rows) else []):
+                value = None if r.value is None or r.value != r.value else float(r.value)
+                st.markdown(score_badges.badge_markdown(r.scorer, value),
+                            help=f"{score_badges.meaning(r.scorer)} Scorer {r.scorer} v{r.version}, measured on "
+                                 f"{r.split} data ({r.n if r.n == r.n and r.n is not None else '?'} sequences).")
 
 # --------------------------------------------------------------------------- live activation on the conversation
 st.subheader("On the current conversation")
