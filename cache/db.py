@@ -104,6 +104,7 @@ def _validate(conn: duckdb.DuckDBPyConnection, path: Path) -> dict[str, str]:
         if missing:
             raise MonitorError(f"{path} is a DuckDB file but not a neuron database (missing tables: "
                                f"{', '.join(missing)}): move it away and build one with `{_rebuild(path)}`.")
+        meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta").fetchall()}
         vec_type = conn.execute("SELECT data_type FROM duckdb_columns() WHERE database_name = current_database() "
                                 "AND table_name = 'embeddings' AND column_name = 'vec'").fetchall()
     except duckdb.Error as err:
