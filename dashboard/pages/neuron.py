@@ -118,10 +118,19 @@ if info is not None:
             st.write(d["text"])
             rows = scores[scores["polarity"] == pol] if scores is not None else []
             for r in (rows.itertuples() if len(rows) else []):
-                value = None if r.value is None or r.value != r.value else float(r.value)
+                value = None if pd.isna(r.value) else float(r.value)
                 st.markdown(score_badges.badge_markdown(r.scorer, value),
                             help=f"{score_badges.meaning(r.scorer)} Scorer {r.scorer} v{r.version}, measured on "
-                                 f"{r.split} data ({r.n if r.n == r.n and r.n is not None else '?'} sequences).")
+                                 f"{r.split} data ({'?' if pd.isna(r.n) else int(r.n)} sequences).")
+    if scores is not None and len(scores):
+        with st.expander(f"Every score of these descriptions ({len(scores)})"):
+            shown_scores = scores.assign(polarity=[charts.polarity_name(p) for p in scores["polarity"]])
+            st.dataframe(shown_scores[["polarity", "scorer", "version", "value", "split", "n", "detail"]],
+                         hide_index=True, key="all_scores",
+                         column_config={"value": st.column_config.NumberColumn(format="%.3f"),
+                                        "detail": st.column_config.TextColumn(width="large")})
+            st.caption("split 'source': as the publisher released it; 'test': measured here on held-out text. "
+                       "Scores of different scorers are not comparable.")
 
 # --------------------------------------------------------------------------- live activation on the conversation
 st.subheader("On the current conversation")
