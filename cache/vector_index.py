@@ -100,7 +100,11 @@ class EmbeddingIndex:
         k = min(int(k), len(s))
         if k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        part = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
+        if k < len(s):
+            kth = s[np.argpartition(-s, k - 1)[k - 1]]
+            part = np.flatnonzero(s >= kth)  # every row tied with the k-th too, so ties go by key, not by chance
+        else:
+            part = np.arange(len(s))
         rows = part if cand is None else cand[part]
-        rows = rows[np.lexsort((self.codes[rows], -sims[rows]))]
+        rows = rows[np.lexsort((self.codes[rows], -sims[rows]))][:k]
         return rows.astype(np.int64), sims[rows]

@@ -206,7 +206,10 @@ def test_spurious_flag_on_planted_clusters(db):
     by_first = {c.members[0].neuron // 3: c for c in report.clusters}
     assert set(by_first) == {0, 1, 2}  # the three planted groups come back as clusters
     assert by_first[0].spurious is False and by_first[1].spurious is True and by_first[2].spurious is True
-    assert by_first[0].relevance_percentile > 95 and by_first[1].relevance_percentile < 80
+    # the related cluster is in the top 5% of random descriptions; the unrelated ones (below the 90th
+    # percentile: spurious) sit well below it (how far depends on the corpus the database came from)
+    assert by_first[0].relevance_percentile > 95
+    assert max(by_first[1].relevance_percentile, by_first[2].relevance_percentile) < by_first[0].relevance_percentile - 10
     assert "Likely spurious" in by_first[1].explanation and "Related" in by_first[0].explanation
     rule = report.rule
     assert "2000 randomly drawn" in rule and "90th percentile" in rule and f"{calibration.threshold:.3f}" in rule

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache.key_map import key_codes
 from engine.controls import random_control
 from engine.generate import answer_probabilities, compare_generations, diff_tokens
 from engine.specs import (
@@ -235,7 +236,9 @@ def test_selection_equals_hand_computed_top_k(db, all_embeddings, spec):
     if spec.min_score is not None:
         ok &= scores >= spec.min_score
     idx = np.flatnonzero(ok)
-    top = idx[np.argsort(-sims[idx], kind="stable")[: spec.k]]
+    # exact ties (identical summaries embed identically) go by key, as the index promises
+    codes = key_codes(keys[:, 0], keys[:, 1], keys[:, 2], db.n_neurons)
+    top = idx[np.lexsort((codes[idx], -sims[idx]))[: spec.k]]
     sel = select(db, spec)
     assert len(sel) == spec.k
     assert set(sel.neurons) == {tuple(int(v) for v in keys[i]) for i in top}
