@@ -110,6 +110,7 @@ class DBResource:
     db: Any = None  # cache.db.NeuronDB
     error: str | None = None
     path: Path | None = None
+    building: bool = False  # a background build of this database is running (error then says its stage)
 
     @property
     def stamp(self) -> tuple:
@@ -139,6 +140,11 @@ def get_db(cfg: Config | None = None) -> DBResource:
     try:
         db = _db_resource(str(path), _stamp(path))
     except MonitorError as err:
+        from cache.build_status import read_status
+
+        status = read_status(path)
+        if status is not None and status.running:
+            return DBResource(error=status.sentence(), path=path, building=True)
         return DBResource(error=str(err), path=path)
     except Exception as err:  # anything else unreadable: same advice
         return DBResource(error=f"{path} could not be opened ({first_line(err)}): delete it and rebuild with "
