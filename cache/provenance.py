@@ -52,6 +52,20 @@ def lacks_sentences(meta: Mapping[str, str]) -> list[str]:
     return [LACKS.get(name, name.replace("_", " ")) for name in lacks(meta)]
 
 
+def bundle_note(meta: Mapping[str, str]) -> str | None:
+    """One line saying a database is a hosting bundle (cache/bundle.py) and what it leaves out; None otherwise."""
+    raw = meta.get("bundle")
+    if not raw:
+        return None
+    try:
+        info = json.loads(raw)
+    except (TypeError, ValueError):
+        info = {}
+    return (f"A compact hosting bundle of {info.get('source', 'a built database')}: the "
+            f"{info.get('exemplars_per_side', 'few')} most extreme exemplars per neuron and side, no random "
+            "exemplars, description embeddings as int8 codes.")
+
+
 def summary(meta: Mapping[str, str]) -> str | None:
     """One line naming the import and what it lacks, or None for a built database, e.g.
     "Imported from Transluce NeuronDB (descriptions_launch_241020): it has no per-token …"."""

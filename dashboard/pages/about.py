@@ -52,6 +52,10 @@ else:
               help=None if described is None else ", ".join(map(str, described)))
     built = meta.get("build_time", "?")
     m4.metric("built", built.split("T")[0], help=f"build_time {built}")
+    from cache.provenance import bundle_note
+
+    if bundle_note(meta):
+        st.info(bundle_note(meta), icon=":material/inventory_2:")
     from cache.provenance import lacks_sentences, source_info
 
     source = source_info(meta) or {}
