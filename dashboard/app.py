@@ -77,6 +77,9 @@ def main() -> None:
     cfg = get_config()
     with st.sidebar:
         st.caption(f"Model `{cfg.model}` · database `{cfg.db_path.name}`")
+        if cfg.hosted:
+            st.caption("Hosted demo: messages up to 1,000 characters, replies up to 64 tokens, experiments of about "
+                       "a minute. Run it on your own machine for more (see the README).")
     watch(cfg.db_path)
     page.run()
 

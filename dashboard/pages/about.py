@@ -101,4 +101,6 @@ st.dataframe(pd.DataFrame([
     ("MONITOR_MODEL", cfg.model, "embedded, a local Hugging Face folder, or a hub id"),
     ("MONITOR_DB", str(cfg.db_path), "the neuron database (read-only)"),
     ("MONITOR_MAX_MESSAGE_CHARS", str(cfg.max_message_chars), "longest chat message accepted"),
+    ("MONITOR_HOSTED", "1" if cfg.hosted else "", "public-demo limits: 1,000-character messages, 64 generated tokens, "
+                                                  "experiments of about a minute"),
 ], columns=["variable", "value", "meaning"]), hide_index=True, key="config_table")
