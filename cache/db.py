@@ -442,7 +442,8 @@ class NeuronDB:
         if not rows:
             raise MonitorError(f"Neuron {layer}/{neuron} has no {'positive' if int(polarity) > 0 else 'negative'} "
                                "description embedding in this database.")
-        return decode_unit_rows(rows[0][0])  # a bundle's int8 codes → a unit vector; a build's is one already
+        vec = np.asarray(rows[0][0])
+        return vec.astype(np.float32) if vec.dtype.kind == "f" else decode_unit_rows(vec)  # a bundle's int8 codes
 
     def nearest_neurons(self, layer: int, neuron: int, polarity: int, k: int = 10) -> pd.DataFrame:
         """The k descriptions most similar to this one's (itself excluded); as :meth:`semantic_search`."""
