@@ -44,8 +44,10 @@ trace: setup
 build: setup
 	$(PY) -m precompute build --model $(MODEL)
 
-## demo: set up, build the database if missing, open the dashboard on http://localhost:$(PORT)
-demo: build
+## demo: set up, start (or resume) the database build in the background if the database is missing,
+## and open the dashboard on http://localhost:$(PORT) at once (pages pick the database up when it lands)
+demo: setup
+	$(PY) -m precompute background --model $(MODEL)
 	$(PY) -m streamlit run dashboard/app.py --server.port $(PORT)
 
 ## bench: every benchmark, JSON on stdout
@@ -57,4 +59,4 @@ bench: setup
 	$(PY) -m benchmarks.importers --json
 
 clean-data:
-	rm -rf data/build data/*.duckdb data/*.duckdb.tmp
+	rm -rf data/build data/*.duckdb data/*.duckdb.tmp data/*.duckdb.build.*

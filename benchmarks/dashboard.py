@@ -26,7 +26,22 @@ What is timed:
   which reuses the memoised trace (target ≤ 300 ms). ``rerun_inspect_ms``: choosing another
   neuron to colour the tokens by. ``rerun_attribution_objective_ms``: switching the attribution
   objective (logprob ↔ prob) once the attribution trace exists.
+
+With ``--hosting`` it measures the hosting figures of issue 10 instead (each against its goal):
+
+* ``bundle_mb``: ``python -m cache bundle`` of the database (``--db``), with ``bundle_source_mb``
+  (the baseline) and ``bundle_overlap_min``, the least top-20 search overlap with the source.
+* ``first_trace_no_db_s``: a fresh Python process with no database, from its start (imports and
+  the model load included) to the first chat turn's trace rendered through AppTest. It leaves out
+  ``make setup`` and the browser, so it is a lower bound of ``clone_to_first_trace_s``.
+* ``app_rss_mb_3_sessions``: a fresh process serving three AppTest sessions (one turn each, the
+  model and the bundle shared as under ``streamlit run``, ``MONITOR_HOSTED=1``): its peak resident
+  memory (``VmHWM``; ``_now``: ``VmRSS`` at the end), with ``app_rss_mb_idle`` after the imports as the baseline.
+* ``clone_to_first_trace_s``, ``clone_to_descriptions_s`` and ``build_peak_rss_mb`` are printed
+  as null with the reason: they need a fresh clone with ``make setup`` and a full build
+  (``/usr/bin/time -v python -m precompute build``), too long and too large for this benchmark's run.
 """
+
 
 from __future__ import annotations
 
@@ -38,6 +53,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+T0 = time.perf_counter()  # this process's start (after the standard library), for first_trace_no_db_s
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -180,6 +197,77 @@ def run(repeats: int, max_new_tokens: int, rerun_repeats: int, with_panels: bool
     }
 
 
+def _fresh(flag: str, env: dict) -> dict:
+    """Run this module with ``flag`` in a fresh process; its one JSON line."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "benchmarks.dashboard", flag], cwd=ROOT, env={**os.environ, **env},
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _first_trace() -> dict:
+    """(in a fresh process, no database) start → the first turn's trace rendered."""
+    _quiet_streamlit()
+    at = _session(8)
+    at.chat_input[0].set_value(PROMPT)
+    at.run()
+    if at.exception:
+        raise SystemExit(f"the app raised: {at.exception[0].value}")
+    if not any(d.key == "neuron_table" and len(d.value) for d in at.dataframe):
+        raise SystemExit("no trace table after the first turn")
+    return {"first_trace_no_db_s": round(time.perf_counter() - T0, 2)}
+
+
+def _vm_mb(field: str) -> float:
+    """``VmHWM`` (peak) or ``VmRSS`` (now) of this process in MB, from /proc (ru_maxrss would carry
+    the parent's peak across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"/proc/self/status has no {field}")
+
+
+def _three_sessions() -> dict:
+    """(in a fresh process) peak RSS while three sessions share one model and database."""
+    _quiet_streamlit()
+    import dashboard.resources  # noqa: F401  (the app's imports, before the model loads)
+
+    idle = _vm_mb("VmHWM")
+    sessions = [_session(16) for _ in range(3)]
+    for at in sessions:
+        at.chat_input[0].set_value(PROMPT)
+        at.run()
+        _check(at)
+    return {"app_rss_mb_idle": round(idle), "app_rss_mb_3_sessions": round(_vm_mb("VmHWM")),
+            "app_rss_mb_3_sessions_now": round(_vm_mb("VmRSS"))}
+
+
+def hosting(db: str | None) -> dict:
+    """The hosting figures (see the module docstring)."""
+    import tempfile
+
+    from cache.bundle import write_bundle
+    from cache.paths import db_path
+
+    src = db or os.environ.get("MONITOR_DB") or str(db_path(os.environ.get("MONITOR_MODEL", "embedded")))
+    out: dict = {"benchmark": "dashboard-hosting", "host": platform.node(), "load_avg_1m": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "demo.duckdb"
+        t0 = time.perf_counter()
+        rep = write_bundle(src, bundle, progress=False)
+        out.update({"bundle_mb": rep["bundle_mb"], "bundle_source_mb": rep["source_mb"],
+                    "bundle_ratio": round(rep["bundle_mb"] / rep["source_mb"], 3),
+                    "bundle_overlap_min": rep["overlap_min"], "bundle_s": round(time.perf_counter() - t0, 1)})
+        out.update(_fresh("--_first-trace", {"MONITOR_DB": str(Path(tmp) / "missing.duckdb")}))
+        out.update(_fresh("--_three-sessions", {"MONITOR_DB": str(bundle), "MONITOR_HOSTED": "1"}))
+    out.update({"clone_to_first_trace_s": None, "clone_to_descriptions_s": None, "build_peak_rss_mb": None,
+                "not_measured": "needs a fresh clone with make setup and a full default build under /usr/bin/time -v"})
+    out["goals"] = {"bundle_mb": 100, "first_trace_s": 180, "app_rss_mb_3_sessions": 1500, "build_peak_rss_mb": 2500}
+    out["load_avg_1m_end"] = os.getloadavg()[0]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3, help="fresh sessions (chat turns) to time")
@@ -190,11 +278,20 @@ def main() -> None:
     p.add_argument("--no-panels", action="store_true",
                    help="leave out the chat page's extension panels (dashboard.panels), to time the core page")
     p.add_argument("--json", action="store_true", help="print JSON on one line (JSON is printed either way)")
+    p.add_argument("--hosting", action="store_true", help="the hosting figures instead (bundle, first trace, 3 sessions)")
+    p.add_argument("--_first-trace", dest="first_trace", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_three-sessions", dest="three_sessions", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.first_trace or args.three_sessions:
+        print(json.dumps(_first_trace() if args.first_trace else _three_sessions()))
+        return
     if args.db:
         os.environ["MONITOR_DB"] = args.db
     if args.model:
         os.environ["MONITOR_MODEL"] = args.model
+    if args.hosting:
+        print(json.dumps(hosting(args.db), indent=None if args.json else 2))
+        return
     result = run(args.repeats, args.max_new_tokens, args.rerun_repeats, with_panels=not args.no_panels)
     print(json.dumps(result, indent=None if args.json else 2))
 

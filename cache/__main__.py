@@ -6,6 +6,7 @@
     python -m cache info [--json]
     python -m cache import transluce --dsn postgresql://… [--model …] [--out data/<slug>.duckdb]
     python -m cache import neuronpedia <folder> | python -m cache import openai <folder>
+    python -m cache bundle --out demo.duckdb [--exemplars 5]   # a compact read-only copy for hosting
 
 Every command takes ``--model embedded`` (default) or ``--db PATH``. A problem the user
 can fix prints one line on stderr and exits 2.
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("layer", type=int)
     n.add_argument("neuron", type=int)
     sub.add_parser("info", parents=[common], help="build facts and row counts")
+    b = sub.add_parser("bundle", parents=[common], help="a compact read-only copy for hosting (cache/bundle.py)")
+    b.add_argument("--out", required=True, help="the bundle file to write, e.g. demo.duckdb")
+    b.add_argument("--exemplars", type=int, default=5, help="top exemplars kept per neuron and side (default 5)")
+    b.add_argument("--min-overlap", type=float, default=0.9, help="least top-20 search overlap with the source")
     from .importers import add_parsers
 
     add_parsers(sub)
@@ -84,6 +89,15 @@ def run(args: argparse.Namespace) -> int:
         from .importers import run as run_import
 
         return run_import(args)
+    if args.command == "bundle":
+        from .bundle import write_bundle
+        from .paths import db_path
+
+        report = write_bundle(args.db or db_path(args.model), args.out, args.exemplars, args.min_overlap)
+        print(json.dumps(report) if args.json else
+              f"Wrote {report['path']} ({report['bundle_mb']} MB from {report['source_mb']} MB; top-20 search "
+              f"overlap with the source: mean {report['overlap_mean']:.2f}, min {report['overlap_min']:.2f}).")
+        return 0
     with open_database(args.db, model=args.model) as db:
         if args.command == "info":
             info = {"path": str(db.path), "meta": db.meta, "counts": db.counts()}
@@ -172,12 +186,12 @@ def _format_neuron(n: dict) -> str:
 
 
 def _format_info(info: dict) -> str:
-    from .provenance import summary
+    from .provenance import bundle_note, summary
 
     lines = [info["path"]]
-    note = summary(info["meta"])
-    if note:
-        lines.append(f"  {note}")
+    for note in (summary(info["meta"]), bundle_note(info["meta"])):
+        if note:
+            lines.append(f"  {note}")
     lines += [f"  {k}: {_clip(v, 100)}" for k, v in sorted(info["meta"].items())]
     lines += ["  rows: " + ", ".join(f"{t}={c:,}" for t, c in info["counts"].items())]
     return "\n".join(lines)

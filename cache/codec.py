@@ -3,6 +3,9 @@
     scale = max_t |act_t|            (0 for an all-zero row)
     code_t = round(127 · act_t / scale)  ∈ [-127, 127]
     act_t ≈ code_t · scale / 127     (error ≤ scale / 254 per token)
+
+A hosting bundle (:mod:`cache.bundle`) stores description embeddings the same way, without the
+scale: search only needs directions, so ``vec ≈ codes / ‖codes‖`` (:func:`decode_unit_rows`).
 """
 
 from __future__ import annotations
@@ -32,3 +35,16 @@ def decode_acts(codes: np.ndarray, scale: float | np.ndarray) -> np.ndarray:
     if c.ndim == 2 and s.ndim == 1:
         s = s[:, None]
     return c * (s / np.float32(127.0))
+
+
+def encode_unit_rows(vecs: np.ndarray) -> np.ndarray:
+    """float [n, d] → int8 codes [n, d], ``round(127 · v / max|v|)`` per row (direction kept)."""
+    codes, _ = encode_acts(np.atleast_2d(vecs))
+    return codes
+
+
+def decode_unit_rows(codes: np.ndarray) -> np.ndarray:
+    """int8 (or float) [n, d] or [d] → float32 rows of unit length, ``c / ‖c‖`` (zero rows stay zero)."""
+    c = np.asarray(codes, dtype=np.float32)
+    norm = np.linalg.norm(c, axis=-1, keepdims=True)
+    return c / np.where(norm > 0, norm, 1.0)

@@ -28,10 +28,10 @@ import pandas as pd
 
 from engine.errors import MonitorError
 
-from .codec import decode_acts
+from .codec import decode_acts, decode_unit_rows
 from .key_map import KeyMap
 from .paths import EMBEDDED_NAME, build_command, db_path, model_for_slug, tmp_path
-from .schema import ABSENT_IN, COLUMNS, READABLE_VERSIONS, READER_META, SCHEMA_VERSION, TABLES
+from .schema import ABSENT_IN, COLUMNS, READABLE_VERSIONS, READER_META, SCHEMA_VERSION, TABLES, VEC_ELEMENT_TYPES
 from .vector_index import EmbeddingIndex
 
 RESULT_COLUMNS = ["layer", "neuron", "polarity", "description", "summary", "score", "similarity", "top_exemplar"]
@@ -127,7 +127,7 @@ def _validate(conn: duckdb.DuckDBPyConnection, path: Path) -> dict[str, str]:
         n_layers, n_neurons, dim = (int(meta[k]) for k in ("n_layers", "n_neurons", "embedding_dim"))
     except ValueError as err:
         raise MonitorError(f"{path} has unreadable meta ({err}): rebuild it with `{rebuild}`.") from err
-    if min(n_layers, n_neurons, dim) <= 0 or not vec_type or vec_type[0][0] != f"FLOAT[{dim}]":
+    if min(n_layers, n_neurons, dim) <= 0 or not vec_type or vec_type[0][0] not in {f"{t}[{dim}]" for t in VEC_ELEMENT_TYPES}:
         raise MonitorError(f"{path} is inconsistent (embeddings.vec is {vec_type[0][0] if vec_type else 'missing'}, "
                            f"meta embedding_dim is {dim}): rebuild it with `{rebuild}`.")
     return meta
@@ -442,7 +442,8 @@ class NeuronDB:
         if not rows:
             raise MonitorError(f"Neuron {layer}/{neuron} has no {'positive' if int(polarity) > 0 else 'negative'} "
                                "description embedding in this database.")
-        return np.asarray(rows[0][0], dtype=np.float32)
+        vec = np.asarray(rows[0][0])
+        return vec.astype(np.float32) if vec.dtype.kind == "f" else decode_unit_rows(vec)  # a bundle's int8 codes
 
     def nearest_neurons(self, layer: int, neuron: int, polarity: int, k: int = 10) -> pd.DataFrame:
         """The k descriptions most similar to this one's (itself excluded); as :meth:`semantic_search`."""

@@ -26,9 +26,9 @@ LACKS = {
 }
 
 
-def source_info(meta: Mapping[str, str]) -> dict | None:
-    """Meta ``source`` as a dict, or None for a database built here (or unreadable meta)."""
-    raw = meta.get("source")
+def _json_dict(meta: Mapping[str, str], key: str) -> dict | None:
+    """Meta ``key`` as a JSON object, or None when absent or unreadable."""
+    raw = meta.get(key)
     if not raw:
         return None
     try:
@@ -36,6 +36,11 @@ def source_info(meta: Mapping[str, str]) -> dict | None:
     except (TypeError, ValueError):
         return None
     return info if isinstance(info, dict) else None
+
+
+def source_info(meta: Mapping[str, str]) -> dict | None:
+    """Meta ``source`` as a dict, or None for a database built here (or unreadable meta)."""
+    return _json_dict(meta, "source")
 
 
 def lacks(meta: Mapping[str, str]) -> list[str]:
@@ -50,6 +55,16 @@ def lacks(meta: Mapping[str, str]) -> list[str]:
 def lacks_sentences(meta: Mapping[str, str]) -> list[str]:
     """One sentence per thing the database lacks; an unknown name is shown as it is."""
     return [LACKS.get(name, name.replace("_", " ")) for name in lacks(meta)]
+
+
+def bundle_note(meta: Mapping[str, str]) -> str | None:
+    """One line saying a database is a hosting bundle (cache/bundle.py) and what it leaves out; None otherwise."""
+    if not meta.get("bundle"):
+        return None
+    info = _json_dict(meta, "bundle") or {}
+    return (f"A compact hosting bundle of {info.get('source', 'a built database')}: the "
+            f"{info.get('exemplars_per_side', 'few')} most extreme exemplars per neuron and side, no random "
+            "exemplars, description embeddings as int8 codes.")
 
 
 def summary(meta: Mapping[str, str]) -> str | None:

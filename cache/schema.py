@@ -65,14 +65,20 @@ SORT_KEYS = {
 # Where a score was measured (scores.split).
 SCORE_SPLITS = ("test", "train", "source")
 
-_VEC_TYPE = re.compile(r"(\bvec\s+FLOAT)\[\d+\]")
+_VEC_TYPE = re.compile(r"(\bvec\s+)FLOAT\[\d+\]")
+
+# embeddings.vec element types a reader accepts: a build's unit float rows, or a bundle's int8 codes
+# (cache/codec.py encode_unit_rows; readers renormalise them).
+VEC_ELEMENT_TYPES = ("FLOAT", "TINYINT")
 
 
-def schema_sql(embedding_dim: int) -> str:
-    """``schema.sql`` with ``embeddings.vec`` typed ``FLOAT[embedding_dim]``."""
+def schema_sql(embedding_dim: int, vec_element: str = "FLOAT") -> str:
+    """``schema.sql`` with ``embeddings.vec`` typed ``<vec_element>[embedding_dim]``."""
     if int(embedding_dim) <= 0:
         raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
-    sql, n = _VEC_TYPE.subn(rf"\g<1>[{int(embedding_dim)}]", SCHEMA_FILE.read_text())
+    if vec_element not in VEC_ELEMENT_TYPES:
+        raise ValueError(f"vec_element must be one of {VEC_ELEMENT_TYPES}, got {vec_element}")
+    sql, n = _VEC_TYPE.subn(rf"\g<1>{vec_element}[{int(embedding_dim)}]", SCHEMA_FILE.read_text())
     if n != 1:
         raise RuntimeError(f"{SCHEMA_FILE} should declare exactly one `vec FLOAT[d]` column, found {n}")
     return sql

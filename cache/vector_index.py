@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 
+from .codec import decode_unit_rows
 from .key_map import KeyMap
 
 
@@ -45,7 +46,8 @@ class EmbeddingIndex:
         start = 0
         for chunk in table.column("vec").chunks:  # FixedSizeList<float>[d]; flatten() honours slicing
             m = len(chunk)
-            mat[start:start + m] = chunk.flatten().to_numpy().reshape(m, dim)
+            vals = chunk.flatten().to_numpy().reshape(m, dim)
+            mat[start:start + m] = vals if vals.dtype == np.float32 else decode_unit_rows(vals)  # a bundle's int8 codes
             start += m
         layer = table.column("layer").to_numpy().astype(np.int32)
         neuron = table.column("neuron").to_numpy().astype(np.int32)

@@ -71,11 +71,16 @@ def main() -> None:
     st.set_page_config(page_title="Neuron Monitor", page_icon=":material/neurology:", layout="wide",
                        initial_sidebar_state="expanded")
     page = st.navigation(build_navigation(), position="sidebar")
+    from dashboard.build_watch import watch
     from dashboard.resources import get_config
 
     cfg = get_config()
     with st.sidebar:
         st.caption(f"Model `{cfg.model}` · database `{cfg.db_path.name}`")
+        if cfg.hosted:
+            st.caption("Hosted demo: messages up to 1,000 characters, replies up to 64 tokens, experiments of about "
+                       "a minute. Run it on your own machine for more (see the README).")
+    watch(cfg.db_path)
     page.run()
 
 

@@ -38,10 +38,12 @@ class Config:
     db_path: Path
     max_message_chars: int
     problems: tuple[str, ...] = ()  # settings that were ignored, as sentences for st.warning
+    hosted: bool = False  # MONITOR_HOSTED=1: the public-demo limits of dashboard/hosted.py
+    max_new_tokens: int = 512  # the most tokens one reply or steering effect generates
 
 
 def get_config() -> Config:
-    """Read ``MONITOR_MODEL``, ``MONITOR_DB`` and ``MONITOR_MAX_MESSAGE_CHARS`` (cheap; every run)."""
+    """Read ``MONITOR_MODEL``, ``MONITOR_DB``, ``MONITOR_MAX_MESSAGE_CHARS`` and ``MONITOR_HOSTED`` (cheap; every run)."""
     problems: list[str] = []
     model = os.environ.get("MONITOR_MODEL", "").strip() or DEFAULT_MODEL
     db = os.environ.get("MONITOR_DB", "").strip()
@@ -62,7 +64,13 @@ def get_config() -> Config:
             max_chars = DEFAULT_MAX_MESSAGE_CHARS
             problems.append(f"MONITOR_MAX_MESSAGE_CHARS={raw!r} is not a positive integer; "
                             f"using {DEFAULT_MAX_MESSAGE_CHARS}.")
-    return Config(model=model, db_path=db_path, max_message_chars=max_chars, problems=tuple(problems))
+    from dashboard import hosted as hosted_mode
+
+    is_hosted = hosted_mode.hosted()
+    if is_hosted:
+        max_chars = min(max_chars, hosted_mode.MAX_MESSAGE_CHARS)
+    return Config(model=model, db_path=db_path, max_message_chars=max_chars, problems=tuple(problems),
+                  hosted=is_hosted, max_new_tokens=hosted_mode.max_new_tokens(is_hosted))
 
 
 def build_command(model: str) -> str:
@@ -110,6 +118,7 @@ class DBResource:
     db: Any = None  # cache.db.NeuronDB
     error: str | None = None
     path: Path | None = None
+    building: bool = False  # a background build of this database is running (error then says its stage)
 
     @property
     def stamp(self) -> tuple:
@@ -139,6 +148,11 @@ def get_db(cfg: Config | None = None) -> DBResource:
     try:
         db = _db_resource(str(path), _stamp(path))
     except MonitorError as err:
+        from cache.build_status import read_status
+
+        status = read_status(path)
+        if status is not None and status.running:
+            return DBResource(error=status.sentence(), path=path, building=True)
         return DBResource(error=str(err), path=path)
     except Exception as err:  # anything else unreadable: same advice
         return DBResource(error=f"{path} could not be opened ({first_line(err)}): delete it and rebuild with "

@@ -28,7 +28,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard import links, resources, session, steering_specs, widgets
+from dashboard import hosted, links, resources, session, steering_specs, widgets
 from dashboard.highlight import POS_HEX, token_spans
 from dashboard.panels import ChatContext, register_panel
 from engine.errors import MonitorError
@@ -436,14 +436,16 @@ def _draw_effect(res, chat: list[dict]) -> None:
     c2.text_input("Answer stem", key=widgets.widget_key("steer_stem", DEFAULT_STEM),
                   help="Text the reply starts with before the candidate, e.g. “The bigger number is ”. May be empty.")
     widgets.remember("steer_stem")
-    c3.number_input("Tokens to generate", 1, 256, key=widgets.widget_key("steer_max_new", DEFAULT_EFFECT_TOKENS))
+    limit = min(256, res.cfg.max_new_tokens)
+    hosted.clamp_widget("steer_max_new", limit)
+    c3.number_input("Tokens to generate", 1, limit, key=widgets.widget_key("steer_max_new", DEFAULT_EFFECT_TOKENS))
     widgets.remember("steer_max_new")
     last_user = prompt[-1]["content"]
     st.caption(f"Measured on the last user turn: “{last_user[:160]}{'…' if len(last_user) > 160 else ''}” "
                "(greedy decoding, unsteered vs steered).")
     cands = parse_candidates(st.session_state.get("steer_cands", ""))
     stem = str(st.session_state.get("steer_stem") or "")
-    max_new = int(st.session_state.get("steer_max_new") or DEFAULT_EFFECT_TOKENS)
+    max_new = min(int(st.session_state.get("steer_max_new") or DEFAULT_EFFECT_TOKENS), limit)
     enabled = steering_specs.current_specs(enabled_only=True)
     key = (lm.name, session.conversation_key(prompt), specs_to_url(enabled) if enabled else "", tuple(cands), stem,
            max_new, res.dbr.stamp)

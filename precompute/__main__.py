@@ -2,6 +2,7 @@
 
     python -m precompute build --model embedded            # every stage, resumable
     python -m precompute status --model embedded           # what is built, what is missing
+    python -m precompute background --model embedded       # start or resume the build in the background
     accelerate launch -m precompute activations --model M  # one shard per process
     python -m precompute activations --shard 1 --num-shards 4
     python -m precompute merge --model M                   # merge shards, finish the database
@@ -91,9 +92,24 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_background(args) -> int:
+    from .background import start
+
+    cfg = _config(args)
+    Build(cfg, progress=False).check_config()  # conflicting settings fail here, not in the log
+    launch = start(args.build_argv, cfg.db_path, cfg.root, cfg.model)
+    print(launch.sentence(cfg.db_path))
+    return 0
+
+
 def cmd_status(args) -> int:
+    from cache.build_status import read_status
+
     build = Build(_config(args), progress=False)
     print(f"build folder: {build.root}")
+    bg = read_status(build.cfg.db_path)
+    if bg is not None:
+        print(f"background build: {bg.sentence()}")
     for row in build.status():
         mark = "done   " if row["done"] else "missing"
         extra = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("stage", "done"))
@@ -153,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--fresh", action="store_true", help="delete the build folder first")
     b.add_argument("--until", default="write", choices=STAGES, help="stop after this stage")
     b.set_defaults(func=cmd_build)
+    g = sub.add_parser("background", help="start or resume the build as a background process (one at a time)")
+    _config_args(g)
+    g.set_defaults(func=cmd_background)
     s = sub.add_parser("status", help="what is built and what is missing")
     _config_args(s)
     s.set_defaults(func=cmd_status)
@@ -164,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("merge", help="merge activation shards and finish the database")
     _config_args(m)
     m.set_defaults(func=cmd_merge)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    args.build_argv = argv[1:]  # `background` passes its options on to `build`
     return run_command(args.func, args, "interrupted; re-run the same command to resume.")
 
 

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from cache.build_status import ProgressFile
 from engine.errors import MonitorError
 from engine.kill_points import kill_point
 from engine.loader import data_dir, model_slug
@@ -120,6 +121,7 @@ class Build:
         self.progress = progress
         self._lm = None
         self._corpus = None
+        self.progress_file = ProgressFile(self.root)  # what the dashboard shows while this build runs
 
     # -- shared inputs -----------------------------------------------------------------
     @property
@@ -141,7 +143,8 @@ class Build:
         return self._corpus
 
     def _bar(self, total: int, desc: str, initial: int = 0):
-        return tqdm(total=total, initial=initial, desc=desc, unit="it", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=initial, desc=desc, unit="it", disable=not self.progress, dynamic_ncols=True)
+        return self.progress_file.bar(bar, total, desc, initial)
 
     def check_config(self) -> None:
         """Refuse to mix a build folder with different settings.
@@ -632,16 +635,18 @@ class Build:
         started = self.root / "started"
         if not started.exists():
             started.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        for stage in STAGES[: STAGES.index(until) + 1]:
+        for i, stage in enumerate(STAGES[: STAGES.index(until) + 1]):
             if self.done(stage):
                 continue
             t0 = time.time()
+            self.progress_file.stage(stage, i + 1, len(STAGES))
             if stage == "activations":
                 self.run_activations(0, 1)
             else:
                 getattr(self, f"run_{stage}")()
             if self.progress:
                 print(f"  {stage}: done in {time.time() - t0:.1f} s", flush=True)
+        self.progress_file.finished()
         return self.cfg.db_path if until == "write" else None
 
 

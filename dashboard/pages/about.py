@@ -52,6 +52,10 @@ else:
               help=None if described is None else ", ".join(map(str, described)))
     built = meta.get("build_time", "?")
     m4.metric("built", built.split("T")[0], help=f"build_time {built}")
+    from cache.provenance import bundle_note
+
+    if bundle_note(meta):
+        st.info(bundle_note(meta), icon=":material/inventory_2:")
     from cache.provenance import lacks_sentences, source_info
 
     source = source_info(meta) or {}
@@ -97,4 +101,6 @@ st.dataframe(pd.DataFrame([
     ("MONITOR_MODEL", cfg.model, "embedded, a local Hugging Face folder, or a hub id"),
     ("MONITOR_DB", str(cfg.db_path), "the neuron database (read-only)"),
     ("MONITOR_MAX_MESSAGE_CHARS", str(cfg.max_message_chars), "longest chat message accepted"),
+    ("MONITOR_HOSTED", "1" if cfg.hosted else "", "public-demo limits: 1,000-character messages, 64 generated tokens, "
+                                                  "experiments of about a minute"),
 ], columns=["variable", "value", "meaning"]), hide_index=True, key="config_table")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, highlight, links, ranking, resources, session, steering_specs, widgets
+from dashboard import charts, highlight, hosted, links, ranking, resources, session, steering_specs, widgets
 from dashboard import linter_panel, steering_panel  # noqa: F401  (they register their panels, in this order)
 from dashboard.panels import CHAT_PANELS, ChatContext, panel_key
 from engine.activation_view import normalise
@@ -80,7 +80,10 @@ with st.sidebar:
     st.slider("Temperature", 0.0, 1.5, step=0.05, key=widgets.widget_key("temperature", session.DEFAULT_TEMPERATURE),
               help="0 is greedy decoding; higher samples more freely.")
     widgets.remember("temperature")
-    st.slider("Max new tokens", 1, 512, key=widgets.widget_key("max_new_tokens", session.DEFAULT_MAX_NEW_TOKENS))
+    hosted.clamp_widget("max_new_tokens", res.cfg.max_new_tokens)
+    st.slider("Max new tokens", 1, res.cfg.max_new_tokens,
+              key=widgets.widget_key("max_new_tokens", min(session.DEFAULT_MAX_NEW_TOKENS, res.cfg.max_new_tokens)),
+              help="At most 64 in this hosted demo." if res.cfg.hosted else None)
     widgets.remember("max_new_tokens")
     chat_buttons = st.container()  # filled once this run's message is handled
 
@@ -94,7 +97,8 @@ if prompt is not None:
         notice = ("warning", "The message is empty: type something before sending.")
     elif len(text) > res.cfg.max_message_chars:
         notice = ("warning", f"The message is {len(text):,} characters long; the limit is "
-                             f"{res.cfg.max_message_chars:,} (MONITOR_MAX_MESSAGE_CHARS). Shorten it and send again.")
+                             f"{res.cfg.max_message_chars:,} ({'this hosted demo' if res.cfg.hosted else 'MONITOR_MAX_MESSAGE_CHARS'}). "
+                             "Shorten it and send again.")
     else:
         msgs.append({"role": "user", "content": text})
         st.session_state["_pending"] = True
@@ -150,7 +154,7 @@ with chat_col:
 
                 t0 = time.perf_counter()
                 try:
-                    gen = generate(lm, session.chat_for_model(), max_new_tokens=int(st.session_state["max_new_tokens"]),
+                    gen = generate(lm, session.chat_for_model(), max_new_tokens=min(int(st.session_state["max_new_tokens"]), res.cfg.max_new_tokens),
                                    temperature=float(st.session_state["temperature"]), seed=seed, on_token=_on_token)
                 except MonitorError as err:
                     gen = None

@@ -25,7 +25,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from dashboard import resources, steering_specs, widgets
+from dashboard import hosted, resources, steering_specs, widgets
 from engine import experiments as ex
 from engine import prompt_sets, replication, scoring
 from engine.errors import MonitorError
@@ -321,8 +321,14 @@ def _run_tab() -> None:
         st.warning("No steering spec: only the baseline will run (add one here or on the Steering page). Random controls "
                    "need a spec to match.")
 
+    too_large = (hosted.experiment_too_large(scorings, SECONDS_PER_SCORE[bool(greedy)][1])
+                 if res.cfg.hosted else None)
+    if too_large:
+        st.error(too_large)
     run = st.button("Run experiment", type="primary", key="exp_run", icon=":material/science:",
-                    disabled=bool(items_error) or bool(spec_error) or not all_items)
+                    disabled=bool(items_error) or bool(spec_error) or not all_items or bool(too_large))
+    if run and too_large:  # the button is disabled; a stale click still runs nothing
+        run = False
     if run:
         try:
             if which == "decimals":
