@@ -12,9 +12,10 @@ of that change: to first order ``Δf ≈ Σ_cells (0 − a) · ∂f/∂a = −Σ
 (:func:`predicted_effect`).
 
 :func:`suppression_effects` measures many groups at once: every group is its own row of one
-batch (its own cells zeroed by a per-row pre-hook on ``mlp.down_proj``), the tokens before the
-earliest suppressed cell run once into a KV cache that every batch reuses, and token objectives
-stop at the target position. :func:`faithfulness` compares prediction and measurement for the
+batch (its own cells zeroed by a per-row pre-hook on ``mlp.down_proj``), and token objectives
+stop at the target position. The unsteered prompt runs once into a KV cache; groups are sorted
+by their first suppressed token and each batch continues from a copy of that cache cropped
+there. :func:`faithfulness` compares prediction and measurement for the
 top attributed cells (and any extra groups, e.g. the linter's clusters) by rank correlation.
 """
 
@@ -78,36 +79,40 @@ def suppression_effects(lm, trace, groups: Sequence[Sequence[Cell]], batch_size:
         for l, t, nn in g:
             if not (0 <= l < lm.n_layers and 0 <= t < n and 0 <= nn < lm.n_neurons):
                 raise MonitorError(f"Cell (layer {l}, token {t}, neuron {nn}) is outside this trace.")
-    relevant = [t for g in groups for _, t, _ in g if t < stop]
-    start = min(relevant) if relevant else max(stop - 1, 0)
-    start = min(start, stop - 1)  # at least one token runs after the cache (its logits are read)
     rows = obj.rows(ids[:stop] if obj.target_index is not None else ids)  # [R, T']
     R = rows.shape[0]
+    last_start = stop - 1  # at least one token runs after the cache (its logits are read)
+    # group 0: nothing suppressed (the baseline f); each group may start at its first suppressed token
+    todo = [(last_start, -1, [])] + [
+        (min([t for _, t, _ in g if t < stop] + [last_start]), i, g) for i, g in enumerate(groups)]
+    todo.sort(key=lambda x: (x[0], x[1]))  # batches of neighbouring starts share one cropped cache
     head_mod = lm.model.get_output_embeddings()
     out = np.zeros(len(groups) + 1)
-    todo = [[]] + groups  # group 0: nothing suppressed (the baseline f)
     with lm.lock, torch.inference_mode():
-        prefix = None
-        if start > 0:
-            prefix = DynamicCache()
-            lm.model.model(input_ids=rows[:1, :start], cache=prefix, use_cache=True)
+        full = None
+        if last_start > 0:
+            full = DynamicCache()  # the unsteered prompt once; every batch crops a copy of it
+            lm.model.model(input_ids=rows[:1, :last_start], cache=full, use_cache=True)
         for b0 in range(0, len(todo), batch_size):
             part = todo[b0:b0 + batch_size]
+            start = part[0][0]
             plan: dict[int, list[list[int]]] = {}
-            for gi, g in enumerate(part):
+            for gi, (_, _, g) in enumerate(part):
                 for l, t, nn in g:
                     if t >= stop:
                         continue
+                    e = plan.setdefault(l, [[], [], []])
                     for r in range(R):
-                        e = plan.setdefault(l, [[], [], []])
                         e[0].append(gi * R + r)
                         e[1].append(t - start)
                         e[2].append(nn)
             tensors = {l: tuple(torch.tensor(v, dtype=torch.long, device=lm.device) for v in e) for l, e in plan.items()}
             batch = rows[:, start:].repeat(len(part), 1)  # [G·R, T' − start]
             cache = None
-            if prefix is not None:
-                cache = copy.deepcopy(prefix)
+            if start > 0:
+                cache = copy.deepcopy(full)
+                if start < last_start:
+                    cache.crop(start - last_start)  # transformers: a negative count drops that many tokens
                 cache.batch_repeat_interleave(len(part) * R)
             handles = _row_hooks(lm, tensors)
             try:
@@ -115,9 +120,11 @@ def suppression_effects(lm, trace, groups: Sequence[Sequence[Cell]], batch_size:
             finally:
                 for h in handles:
                     h.remove()
-            out[b0:b0 + len(part)] = obj.values(hidden, head_mod, n, offset=start).double().cpu().numpy()
+            values = obj.values(hidden, head_mod, n, offset=start).double().cpu().numpy()
+            for (_, i, _), v in zip(part, values):
+                out[i + 1] = v
             if progress is not None:
-                progress(len(part) - (1 if b0 == 0 else 0))
+                progress(sum(1 for _, i, _ in part if i >= 0))
     return out[1:] - out[0]
 
 
