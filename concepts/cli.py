@@ -32,7 +32,21 @@ DEFAULT_CONCEPT_CONTROLS = ("decimal numbers:suppress:500",)
 
 
 def register_cli(sub) -> None:
-    """Add ``experiment`` to a command line's sub-commands."""
+    """Add ``experiment`` and ``lint`` to a command line's sub-commands."""
+    from engine.cli import add_objective_args
+
+    li = sub.add_parser("lint", help="the concept linter on one prompt, each cluster checked causally",
+                        description="Cluster the neurons that matter for the chosen objective (a target token, "
+                                    "a contrast, or an answer pair) by their descriptions, flag the ones unrelated "
+                                    "to the conversation, and measure what suppressing each cluster does against "
+                                    "random neuron sets matched in size, layers and activation mass.")
+    add_objective_args(li)
+    li.add_argument("--db", default=None, help="neuron database (default: data/<model>.duckdb)")
+    li.add_argument("--k", type=int, default=None, help="important neurons: the top K attribution cells (default 1000)")
+    li.add_argument("--null", type=int, default=None, help="random matched sets per cluster (default 20, at least 20)")
+    li.add_argument("--seed", type=int, default=0)
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(func=cmd_lint)
     ex = sub.add_parser("experiment", help="steering experiments with a null of random controls",
                         description="Score prompts under the baseline, concept steering, concept controls and "
                                     "random controls matched on layers and activation mass; print a Markdown table "
@@ -148,6 +162,41 @@ def _open(args, need_db: bool):
         raise MonitorError(f"{label} describes a {db.n_layers}×{db.n_neurons} model but {lm.name} is "
                            f"{lm.n_layers}×{lm.n_neurons}: pass the database built for this model with --db.")
     return lm, db, label
+
+
+def cmd_lint(args) -> int:
+    from engine.cli import _chat_from_args, check_objective_args, faithfulness_from_args, trace_from_args
+    from engine.linter import cluster_cells
+
+    from .lint import lint_trace
+
+    check_objective_args(args, require_objective=True)
+    lm, db, _ = _open(args, True)
+    trace = trace_from_args(lm, _chat_from_args(args), args)
+    from tqdm import tqdm
+
+    with tqdm(desc="causal check", unit="group", disable=args.json, leave=False) as bar:
+        report = lint_trace(db, trace, k=args.k, labeler="env", lm=lm, n_null=args.null, seed=args.seed,
+                            causal_progress=bar.update)
+    out = {"objective": trace.objective.label, "objective_value": trace.objective_value, **report.to_dict()}
+    if args.faithfulness:
+        extra = [(f"cluster #{c.id + 1} {c.label}", cluster_cells(c)) for c in report.clusters]
+        out["faithfulness"] = faithfulness_from_args(lm, trace, args.faithfulness, args.json, extra)
+    if args.json:
+        import json
+
+        print(json.dumps(out, ensure_ascii=False, default=float))
+        return 0
+    print(f"objective: {out['objective']} = {out['objective_value']:.4f}")
+    print(f"{report.n_hits} important neurons, {len(report.clusters)} clusters; causal check: "
+          f"{(report.causal or {}).get('n_null', 0)} matched random sets each")
+    for c in report.clusters:
+        flag = "SPURIOUS" if c.spurious else "unrelated" if c.unrelated else "related"
+        print(f"#{c.id + 1} [{flag}] {c.label} ({len(c.members)} neurons): {c.effect_text or c.explanation}")
+    if "faithfulness" in out:
+        print(f"faithfulness: Spearman ρ(predicted, measured) = {out['faithfulness']['spearman']:.3f} over "
+              f"{len(out['faithfulness']['rows'])} groups")
+    return 0
 
 
 def cmd_experiment(args) -> int:

@@ -136,13 +136,15 @@ def random_description_vectors(db, n: int = DEFAULT_NULL_SIZE, seed: int = 0) ->
 def lint_trace(db, trace, mode: str = "attribution", k: int | None = None, threshold: float | None = None,
                min_size: int | None = None, percentile: float | None = None, labeler="env",
                embed_fn: EmbedFn | None = None, null_size: int = DEFAULT_NULL_SIZE, seed: int = 0,
-               progress=None):
+               progress=None, lm=None, n_null: int | None = None, causal_progress=None):
     """Run the concept linter on ``trace`` against ``db``; returns an :class:`engine.linter.LintReport`.
 
     ``labeler="env"`` uses :meth:`LLMLabeler.from_env` (offline labels when
     the variables are unset); pass None for offline labels, or an ``LLMLabeler``.
     The spurious threshold is calibrated per conversation on ``null_size`` random
-    descriptions of this database (seeded).
+    descriptions of this database (seeded). With ``lm`` (the trace's model) and an attribution
+    trace, every cluster is also checked causally (:func:`engine.linter.causal_check`, ``n_null``
+    matched random sets, default 20): its measured effect, null percentile, and the combined flag.
     """
     from engine import linter
 
@@ -156,8 +158,12 @@ def lint_trace(db, trace, mode: str = "attribution", k: int | None = None, thres
         linter.DEFAULT_PERCENTILE if percentile is None else percentile)
     if labeler == "env":
         labeler = LLMLabeler.from_env()
-    return linter.lint(
+    report = linter.lint(
         hits, emb, [s or "" for s in summaries], mode=mode,
         threshold=linter.DEFAULT_THRESHOLD if threshold is None else threshold,
         min_size=linter.DEFAULT_MIN_SIZE if min_size is None else min_size,
         calibration=calibration, labeler=labeler, progress=progress)
+    if lm is not None and getattr(trace, "objective", None) is not None and report.clusters:
+        linter.causal_check(lm, trace, report, n_null=linter.DEFAULT_NULL_SETS if n_null is None else n_null,
+                            seed=seed, progress=causal_progress)
+    return report

@@ -8,6 +8,12 @@ each (c-TF-IDF keywords and the most central description offline; an LLM when
 ``MONITOR_LLM_*`` is set), ranks them by summed weight and flags the **likely spurious**
 ones (:class:`engine.linter.RelevanceCalibration`; the rule is shown in the panel).
 
+With a target (or a contrast, or an answer pair) the **causal check** (on by default) suppresses each
+cluster and measures the change of that objective, places it among 20 random neuron sets matched in
+size, layers, tokens and activation mass (:func:`engine.linter.causal_check`), sorts the clusters by
+measured effect and flags as likely spurious only the unrelated clusters that also move the answer
+beyond that null.
+
 Selecting a cluster (a table row or the picker) highlights its tokens in the conversation
 and lists its neurons; one button turns it into a steering spec that suppresses exactly
 those neurons (:func:`dashboard.steering_specs.add_spec`).
@@ -38,21 +44,34 @@ def _flag(c) -> str:
     return FLAG_UNKNOWN if c.spurious is None else FLAG_SPURIOUS if c.spurious else FLAG_RELATED
 
 
-def lint(ctx: ChatContext, mode: str, threshold: float, min_size: int, k: int, percentile: float):
+def lint(ctx: ChatContext, mode: str, threshold: float, min_size: int, k: int, percentile: float,
+         causal: bool = False):
     """The :class:`engine.linter.LintReport` of ``ctx.trace``, memoised per session on everything it depends on."""
     from concepts.lint import lint_trace
     from engine.llm_client import read_env
 
     res = ctx.res
     llm = read_env()[:2]  # the labeler's endpoint and model: a change recomputes
-    key = (session.trace_key(res.lm, ctx.chat, ctx.target), mode, float(threshold), int(min_size), int(k),
-           float(percentile), res.dbr.stamp, llm)
+    objective = getattr(getattr(ctx.trace, "objective", None), "label", None)
+    key = (session.trace_key(res.lm, ctx.chat, ctx.target), objective, mode, float(threshold), int(min_size), int(k),
+           float(percentile), res.dbr.stamp, llm, bool(causal))
 
     def compute():
+        bar = st.progress(0.0, text="Clustering the important neurons' descriptions…") if causal else None
+        done = [0]
+
+        def step(n: int) -> None:
+            done[0] += n
+            bar.progress(min(1.0, done[0] / 200), text=f"Causal check: {done[0]} suppressed forwards measured…")
+
         with st.spinner("Clustering the important neurons' descriptions…"):
-            return lint_trace(res.db, ctx.trace, mode=mode, k=int(k), threshold=float(threshold),
-                              min_size=int(min_size), percentile=float(percentile), labeler="env",
-                              embed_fn=resources.embed_query)
+            report = lint_trace(res.db, ctx.trace, mode=mode, k=int(k), threshold=float(threshold),
+                                min_size=int(min_size), percentile=float(percentile), labeler="env",
+                                embed_fn=resources.embed_query, lm=res.lm if causal else None,
+                                causal_progress=step if causal else None)
+        if bar is not None:
+            bar.empty()
+        return report
 
     return session.session_memo("lint", key, compute, size=4)
 
@@ -64,10 +83,14 @@ def cluster_table(report) -> pd.DataFrame:
             if c.label_source == "llm" else "c-TF-IDF keywords"
         rows.append({"rank": c.id + 1, "flag": _flag(c), "label": c.label, "label from": source, "size": len(c.members),
                      "weight": c.weight, "relevance": c.relevance, "cohesion": c.cohesion,
+                     "measured effect": c.effect, "predicted": c.predicted,
+                     "null percentile": None if c.null is None else c.null["percentile"],
+                     "moves the answer": c.moves, "what suppressing did": c.effect_text,
                      "keywords": ", ".join(c.keywords), "central description": c.central,
                      "why": c.explanation})
-    return pd.DataFrame(rows, columns=["rank", "flag", "label", "label from", "size", "weight", "relevance", "cohesion", "keywords",
-                                       "central description", "why"])
+    return pd.DataFrame(rows, columns=["rank", "flag", "label", "label from", "size", "weight", "relevance", "cohesion",
+                                       "measured effect", "predicted", "null percentile", "moves the answer",
+                                       "what suppressing did", "keywords", "central description", "why"])
 
 
 def cluster_chart(report, weight_title: str) -> alt.Chart:
@@ -137,8 +160,15 @@ def _panel(ctx: ChatContext) -> None:
                     help="A cluster is flagged when it is less related to the conversation than this percentile of "
                          "random neuron descriptions.")
     widgets.remember("lint_pct")
+    can_check = getattr(ctx.trace, "objective", None) is not None
+    causal = st.toggle("Causal check: suppress each cluster, compare with 20 matched random sets",
+                       key=widgets.widget_key("lint_causal", True), disabled=not can_check,
+                       help="Measures what suppressing each cluster does to the attribution objective, and where that "
+                            "falls among random neuron sets matched in size, layers, tokens and activation mass. "
+                            "Needs a target (Attribution mode).")
+    widgets.remember("lint_causal")
 
-    report = lint(ctx, mode, threshold, min_size, k, pct)
+    report = lint(ctx, mode, threshold, min_size, k, pct, causal=bool(causal and can_check))
     n_spurious = sum(bool(c.spurious) for c in report.clusters)
     st.markdown(f"**{report.n_hits:,}** important neurons, **{report.n_described:,}** with a description → "
                 f"**{len(report.clusters)}** clusters of ≥ {report.min_size} (average linkage, cosine distance ≤ "
@@ -146,7 +176,13 @@ def _panel(ctx: ChatContext) -> None:
     for w in report.warnings:
         st.caption(w)
     if report.rule:
-        st.info("**How “likely spurious” is decided.** " + report.rule, icon=":material/help:")
+        rule = report.rule
+        if report.causal:
+            rule += (f" With the causal check, a cluster is flagged only when it is also **moving the answer**: "
+                     f"suppressing it changes {report.causal['objective']} by more than random neuron sets matched "
+                     f"in size, layers, tokens and activation mass do (one-sided empirical p ≤ "
+                     f"{report.causal['alpha']:g} among {report.causal['n_null']}). Clusters are sorted by measured effect.")
+        st.info("**How “likely spurious” is decided.** " + rule, icon=":material/help:")
     if not report.clusters:
         st.info(f"No cluster of {report.min_size} or more neurons: raise the threshold or lower the minimum size.")
         return
@@ -157,6 +193,13 @@ def _panel(ctx: ChatContext) -> None:
                      "weight": st.column_config.NumberColumn(weight_title, format="%.3g"),
                      "relevance": st.column_config.NumberColumn("similarity to conversation", format="%.3f"),
                      "cohesion": st.column_config.NumberColumn("cohesion", format="%.2f"),
+                     "measured effect": st.column_config.NumberColumn(
+                         "measured effect", format="%.3g", help="Change of the objective when the cluster is suppressed."),
+                     "predicted": st.column_config.NumberColumn(
+                         "predicted (−Σ attribution)", format="%.3g", help="The attribution's linear estimate."),
+                     "null percentile": st.column_config.NumberColumn(
+                         "null percentile", format="%.0f", help="Where |measured effect| falls among matched random sets."),
+                     "what suppressing did": st.column_config.TextColumn(width="large"),
                      "central description": st.column_config.TextColumn(width="large"),
                      "why": st.column_config.TextColumn(width="large"),
                  })
@@ -174,6 +217,8 @@ def _panel(ctx: ChatContext) -> None:
         st.warning(cluster.explanation)
     elif cluster.spurious is not None:
         st.success(cluster.explanation)
+    if cluster.effect_text:
+        st.markdown(f"**What suppressing it did:** {cluster.effect_text}")
     tokens = ctx.trace.tokens
     tw = cluster.tokens
     values = [tw.get(i, 0.0) for i in range(len(tokens))]

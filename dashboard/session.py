@@ -53,22 +53,30 @@ def _memo() -> OrderedDict:
     return st.session_state.setdefault("_trace_memo", OrderedDict())
 
 
-def trace_key(lm, chat: list[dict], target: int | None) -> tuple:
-    return (lm.name, conversation_key(chat), None if target is None else int(target))
+def trace_key(lm, chat: list[dict], target: int | None, objective: tuple | None = None) -> tuple:
+    """(model, conversation, target) and, for a contrastive or answer-level objective, its key."""
+    key = (lm.name, conversation_key(chat), None if target is None else int(target))
+    return key if objective is None else key + (tuple(objective),)
 
 
-def get_trace(lm, chat: list[dict], target: int | None = None):
+def get_trace(lm, chat: list[dict], target: int | None = None, distractor: str | None = None,
+              answer: tuple[str, str, str] | None = None):
     """The trace of ``chat`` (with attribution toward ``target`` when given), memoised per session.
 
     The key is (model, conversation, target): mode, threshold, sorting and chart widgets do not
     enter it, so changing them reuses the trace. Attribution is computed with ``logprob``; the
     ``prob`` variant is that times the target probability (see ``engine.trace``), so one trace
     serves both. The last message being the assistant's, the chat is rendered without a new
-    generation prompt. Raises MonitorError (e.g. a chat longer than the context).
+    generation prompt. ``distractor`` (a token string) makes the attribution contrastive;
+    ``answer`` = (answer, versus, stem) attributes to ``L(answer) − L(versus)`` after the last user
+    turn (a last assistant reply is left out: the answers stand in its place) instead of a
+    target token (:mod:`engine.attribution`). Raises MonitorError (e.g. a chat longer than the
+    context, an unknown distractor, answers that tokenise to nothing).
     """
     from engine.trace import run_trace
 
-    key = trace_key(lm, chat, target)
+    okey = ("answer",) + tuple(answer) if answer is not None else ("contrast", distractor) if distractor is not None else None
+    key = trace_key(lm, chat, target, okey)
     memo = _memo()
     if key in memo:
         memo.move_to_end(key)
@@ -77,8 +85,15 @@ def get_trace(lm, chat: list[dict], target: int | None = None):
     label = "Tracing the conversation…" if target is None else "Tracing with attribution to the target token…"
     t0 = time.perf_counter()
     with st.spinner(label):
-        trace = run_trace(lm, chat, target_index=target, attribution="logprob" if target is not None else None,
-                          add_generation_prompt=add_prompt)
+        if answer is not None:
+            from engine.attribution import answer_objective
+
+            question = chat if add_prompt else chat[:-1]  # the answers replace the model's reply
+            rendered, objective = answer_objective(lm, question, *answer)
+            trace = run_trace(lm, question, rendered=rendered, objective=objective)
+        else:
+            trace = run_trace(lm, chat, target_index=target, attribution="logprob" if target is not None else None,
+                              add_generation_prompt=add_prompt, distractor=distractor)
     timings()["trace_s"] = time.perf_counter() - t0
     timings()["trace_kind"] = "activation" if target is None else "attribution"
     memo[key] = trace

@@ -11,9 +11,17 @@ Steps (the reference system's, plus our spurious flag):
    most central description; or any ``labeler`` with ``label(summaries) → (label,
    coherence)``, e.g. the optional LLM labeler (:class:`concepts.lint.LLMLabeler`).
 4. **Rank** by summed weight: summed |attribution|, or summed normalised activation.
-5. **Spurious flag** (:class:`RelevanceCalibration`): a cluster is flagged when its centroid
+5. **Spurious flag** (:class:`RelevanceCalibration`): a cluster is unrelated when its centroid
    is less similar to the conversation than the 90th percentile of random database
    descriptions are (see :data:`SPURIOUS_RULE`).
+6. **Causal check** (:func:`causal_check`, optional, needs the model): each cluster's cells are
+   suppressed and the change of the trace's objective measured (:mod:`engine.effects`); the
+   same for ≥ 20 random neuron sets matched in size, layers, tokens and activation mass
+   (:func:`engine.controls.matched_controls`), and :func:`engine.stats.null_position` places
+   the cluster's |effect| among theirs. A cluster **moves the answer** when its |effect| is
+   above the null's median with one-sided ``p_empirical ≤ 0.05`` (with 20 controls: beyond
+   all of them). With the check, *spurious* = unrelated **and** moves the answer, and the
+   clusters are ranked by |measured effect|.
 
 Calibrating the spurious flag. Raw cosine similarities between a conversation and a
 description are small and depend on the conversation (all-MiniLM-L6-v2: a related concept
@@ -47,6 +55,8 @@ DEFAULT_THRESHOLD = 0.6
 DEFAULT_MIN_SIZE = 3
 DEFAULT_TOP_K = 1000
 DEFAULT_PERCENTILE = 90.0
+DEFAULT_NULL_SETS = 20
+CAUSAL_ALPHA = 0.05
 LINT_MODES = ("attribution", "activation")
 
 SPURIOUS_RULE = (
@@ -310,6 +320,12 @@ class Cluster:
     relevance_percentile: float | None = None
     spurious: bool | None = None  # None without a calibration
     explanation: str = ""
+    unrelated: bool | None = None  # the relevance rule alone (None without a calibration)
+    effect: float | None = None  # measured Δf when its cells are suppressed (causal check)
+    predicted: float | None = None  # the attribution's linear prediction −Σ A of that Δf
+    null: dict | None = None  # engine.stats.null_position of |effect| among the controls' |Δf|
+    moves: bool | None = None  # |effect| beyond the random null (None without the check)
+    effect_text: str = ""  # what suppressing it did, in words
 
     @property
     def neurons(self) -> list[tuple[int, int, int]]:
@@ -339,7 +355,10 @@ class Cluster:
             "id": self.id, "label": self.label, "label_source": self.label_source, "keywords": self.keywords,
             "central": self.central, "weight": self.weight, "size": len(self.members), "cohesion": self.cohesion,
             "coherence": self.coherence, "relevance": self.relevance, "relevance_percentile": self.relevance_percentile,
-            "spurious": self.spurious, "explanation": self.explanation,
+            "spurious": self.spurious, "explanation": self.explanation, "unrelated": self.unrelated,
+            "effect": self.effect, "predicted": self.predicted, "moves": self.moves, "effect_text": self.effect_text,
+            "null_percentile": None if self.null is None else self.null["percentile"],
+            "null_p": None if self.null is None else self.null["p_empirical"],
             "neurons": [{"layer": h.layer, "neuron": h.neuron, "polarity": h.polarity, "weight": h.weight,
                          "summary": s, "tokens": h.tokens} for h, s in zip(self.members, self.summaries)],
             "tokens": self.tokens,
@@ -356,6 +375,7 @@ class LintReport:
     min_size: int
     calibration: RelevanceCalibration | None = None
     warnings: list[str] = field(default_factory=list)
+    causal: dict | None = None  # {objective, n_null, alpha, seconds} once causal_check ran
 
     @property
     def rule(self) -> str:
@@ -366,7 +386,8 @@ class LintReport:
         return {
             "mode": self.mode, "n_hits": self.n_hits, "n_described": self.n_described, "threshold": self.threshold,
             "min_size": self.min_size, "spurious_threshold": self.calibration.threshold if self.calibration else None,
-            "rule": self.rule, "warnings": self.warnings, "clusters": [c.to_dict() for c in self.clusters],
+            "rule": self.rule, "warnings": self.warnings, "causal": self.causal,
+            "clusters": [c.to_dict() for c in self.clusters],
         }
 
 
@@ -422,7 +443,7 @@ def lint(hits: Sequence[NeuronHit], embeddings: np.ndarray, summaries: Sequence[
         if calibration is not None:
             c.relevance = calibration.relevance(c.centroid)
             c.relevance_percentile = calibration.percentile_of(c.relevance)
-            c.spurious = bool(c.relevance < calibration.threshold)
+            c.unrelated = c.spurious = bool(c.relevance < calibration.threshold)
             c.explanation = explain(c, calibration)
         if progress is not None:
             progress(i + 1, len(clusters))
@@ -439,3 +460,80 @@ def explain(cluster: Cluster, calibration: RelevanceCalibration) -> str:
                 f"{100 - pct:.0f}% of random neuron descriptions are at least as related to this conversation.")
     return (f"Related: similarity to the conversation {rel:.3f} is at or above the threshold {thr:.3f} "
             f"(more related than {pct:.0f}% of random neuron descriptions).")
+
+
+# --------------------------------------------------------------------------- causal check
+def cluster_cells(cluster: Cluster) -> list[tuple[int, int, int]]:
+    """The (layer, token, neuron) cells a cluster was found on: each member on its tokens."""
+    return sorted({(h.layer, t, h.neuron) for h in cluster.members for t in h.tokens})
+
+
+def causal_check(lm, trace, report: LintReport, n_null: int = DEFAULT_NULL_SETS, seed: int = 0,
+                 alpha: float = CAUSAL_ALPHA, batch_size: int = 16, progress=None) -> LintReport:
+    """Measure each cluster's effect on the trace's objective and place it in a matched random null.
+
+    Per cluster: its measured ``Δf`` (:func:`engine.effects.suppression_effects`: its cells, the
+    members on their tokens, set to 0), the attribution's prediction ``−Σ A``, and ``n_null``
+    random sets from :func:`engine.controls.matched_controls` (per member one neuron of the same
+    layer on the same tokens, matched on activation mass ``M[l, i] = Σ_{t ∈ cluster tokens} |a[l, t, i]|``,
+    seeds ``seed + 1000·k`` for the k-th cluster), all measured in one batched pass.
+    :func:`engine.stats.null_position` of ``|Δf|`` among the controls' ``|Δf|`` gives the
+    percentile; *moves* = above the null's median with ``p_empirical ≤ alpha``. Updates the
+    clusters in place (spurious = unrelated and moves, when calibrated), re-ranks them by
+    ``|Δf|`` and returns ``report``. ``progress(n)`` counts measured groups.
+    """
+    import time
+
+    from .controls import matched_controls
+    from .effects import predicted_effect, suppression_effects
+    from .stats import null_position
+    from .steering import Intervention
+
+    if getattr(trace, "objective", None) is None:
+        raise MonitorError("The causal check needs a target (or an answer pair): pick one, then lint again.")
+    if int(n_null) < DEFAULT_NULL_SETS:
+        raise MonitorError(f"The causal check needs at least {DEFAULT_NULL_SETS} random sets; got {n_null}.")
+    t0 = time.perf_counter()
+    acts = trace.activations.abs().double()  # [layers, tokens, neurons]
+    groups, spans = [], []
+    for k, c in enumerate(report.clusters):
+        cells = cluster_cells(c)
+        toks = sorted({t for _, t, _ in cells})
+        mass = acts[:, toks, :].sum(dim=1).numpy()  # [layers, neurons]
+        ivs = [Intervention([(h.layer, h.neuron, h.polarity)], "scale", factor=0.0,
+                            tokens=TokenRange("positions", tuple(sorted(h.tokens)))) for h in c.members]
+        controls = matched_controls(ivs, lm.n_neurons, int(n_null), seed=seed + 1000 * k, mass=mass)
+        spans.append((len(groups), len(controls)))
+        groups.append(cells)
+        for ctrl, _ in controls:
+            groups.append(sorted({(l, t, n) for iv in ctrl for l, n, _ in iv.neurons for t in iv.tokens.positions}))
+    effects = suppression_effects(lm, trace, groups, batch_size=batch_size, progress=progress)
+    label = trace.objective.label
+    for c, (i, m) in zip(report.clusters, spans):
+        c.effect = float(effects[i])
+        c.predicted = predicted_effect(trace, groups[i])
+        c.null = null_position(abs(c.effect), np.abs(effects[i + 1:i + 1 + m]))
+        c.moves = bool(c.null["percentile"] > 50 and c.null["p_empirical"] <= alpha)
+        c.effect_text = describe_effect(c, label)
+        if c.unrelated is not None:
+            c.spurious = bool(c.unrelated and c.moves)
+            c.explanation = (c.explanation + " " + ("It also moves the answer beyond the random null: likely spurious."
+                             if c.spurious else "But it does not move the answer beyond the random null: "
+                             "not flagged." if c.unrelated else "")).strip()
+    report.clusters.sort(key=lambda c: (-abs(c.effect), c.members[0].key))
+    for i, c in enumerate(report.clusters):
+        c.id = i
+    report.causal = {"objective": label, "n_null": int(n_null), "alpha": float(alpha),
+                     "seconds": time.perf_counter() - t0, "groups": len(groups)}
+    return report
+
+
+def describe_effect(c: Cluster, objective: str) -> str:
+    """One sentence on what suppressing ``c`` did, with its null percentile."""
+    verb = "raised" if c.effect > 0 else "lowered"
+    n = c.null["n"]
+    where = (f"a bigger change than all {n} random matched sets" if c.null["beyond_all"] and c.null["percentile"] > 50
+             else f"larger than {c.null['percentile']:.0f}% of {n} random matched sets")
+    verdict = "moves the answer" if c.moves else "within the random null"
+    return (f"Suppressing its {len(c.members)} neurons {verb} {objective} by {abs(c.effect):.3g} "
+            f"(predicted {c.predicted:+.3g}); {where} (p = {c.null['p_empirical']:.3f}): {verdict}.")

@@ -81,6 +81,41 @@ def tiny_lm(tiny_llama_dir):
     return load_model(str(tiny_llama_dir))
 
 
+def float64_copy(loaded, name: str):
+    """A float64 copy of a loaded model, so finite differences are accurate.
+
+    transformers' RMSNorm computes in float32 whatever the model dtype; with residuals in
+    the thousands at the attention sink that rounding swamps an ε-perturbation, so the
+    copy's norms are made to compute in float64 too (same formula: w · x / √(mean x² + eps)).
+    """
+    import copy
+
+    import torch
+
+    from engine.loader import LoadedModel
+
+    model = copy.deepcopy(loaded.model).double()
+
+    def rms64(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = rms64.__get__(module)
+    return LoadedModel(model, loaded.tokenizer, name, loaded.source)
+
+
+@pytest.fixture(scope="session")
+def lm64(lm):
+    """The embedded model in float64 (:func:`float64_copy`)."""
+    return float64_copy(lm, "embedded-fp64")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm64(tiny_lm):
+    return float64_copy(tiny_lm, "tiny-fp64")
+
+
 # Layers the test database describes: a spread over the model, so layer filters have something to do.
 TEST_DB_LAYERS = "0,8,15,22,29"
 

@@ -259,6 +259,49 @@ def test_attribution_mode_target_and_objective(env):
     assert np.allclose(ratio, ratio[0], rtol=1e-4) and ratio[0] == pytest.approx(p, abs=2e-3)
 
 
+def test_contrastive_and_answer_level_objectives(env):
+    """Distractor picker (default: the runner-up next token), typed distractors, answer pairs, bad input."""
+    from engine.loader import load_model
+    from engine.trace import run_trace
+
+    at = start()
+    send(at, QUESTION)
+    at.segmented_control(key="w_mode").set_value("Attribution").run()
+    target = at.selectbox(key="w_target").value
+    at.radio(key="w_objective").set_value("contrast").run()
+    ok(at)
+    picker = at.selectbox(key=f"w_distractor_{target}")
+    top5 = table(at, "top5")
+    note = [m.value for m in at.markdown if m.value.startswith("Target token **")][0]
+    assert " vs distractor " in note and "− log p(" in note
+    # the table equals the engine's contrastive attribution to the same distractor
+    lm = load_model("embedded")
+    chat = [dict(m) for m in at.session_state["messages"]]
+    fwd = run_trace(lm, chat, add_generation_prompt=False)
+    assert picker.value == next(t for t, _ in fwd.top_next[target - 1] if t != fwd.tokens[target])  # the runner-up
+    want = run_trace(lm, chat, target_index=target, distractor=picker.value, add_generation_prompt=False)
+    rows = table(at)
+    first = rows.iloc[0]
+    tok = int(str(first["token"]).split(":")[0])
+    assert first["value"] == pytest.approx(float(want.attributions[first["layer"], tok, first["neuron"]]), rel=1e-4)
+    assert len(top5) == 5
+    # a bad typed distractor: one clear line in st.error, no traceback
+    at.text_input(key="w_distractor_text").set_value("id:999999999").run()
+    assert any("Unknown distractor token id" in e.value for e in ok(at).error)
+    at.text_input(key="w_distractor_text").set_value("").run()
+    # answer level: two answers and a stem
+    at.radio(key="w_objective").set_value("answer").run()
+    assert any("Type an answer" in i.value for i in ok(at).info)
+    at.text_input(key="w_answer").set_value("9.8")
+    at.text_input(key="w_versus").set_value("9.11")
+    at.text_input(key="w_stem").set_value("The bigger number is ").run()
+    note = [m.value for m in ok(at).markdown if m.value.startswith("Answer level:")][0]
+    assert "L('9.8') − L('9.11')" in note
+    assert len(table(at)) > 0
+    at.text_input(key="w_versus").set_value("9.8").run()
+    assert any("the same" in e.value for e in ok(at).error)
+
+
 def test_inspect_neuron_colours_tokens_and_keyword_filter(env):
     at = start()
     send(at, "Quote a Bible verse about peace.")

@@ -249,7 +249,7 @@ def test_effect_shows_both_generations_and_the_answer_probabilities(env):
 def test_linter_clusters_flag_and_turn_a_cluster_into_a_spec_then_its_effect(env):
     at = start()
     send(at, QUESTION)
-    assert [e.label for e in at.expander] == ["Concept linter", "Semantic steering"]
+    assert [e.label for e in at.expander] == ["Concept linter", "Faithfulness of the attribution", "Semantic steering"]
     # both panels are lazy: nothing is computed until the user opens them
     assert not any("How “likely spurious” is decided" in i.value for i in at.info)
     at.session_state["panel_concept_linter"] = True
@@ -301,8 +301,11 @@ def test_linter_clusters_flag_and_turn_a_cluster_into_a_spec_then_its_effect(env
     assert not at.error
     shown = [d.value for d in at.dataframe if {"rank", "flag", "label"} <= set(d.value.columns)]
     assert shown or any("No cluster of" in i.value for i in at.info)
-    if shown:
-        assert list(shown[0]["weight"]) == sorted(shown[0]["weight"], reverse=True)
+    if shown:  # the causal check (on by default with a target) ranks by |measured effect|
+        effects = shown[0]["measured effect"].abs()
+        assert effects.notna().all() and list(effects) == sorted(effects, reverse=True)
+        assert shown[0]["null percentile"].between(0, 100).all()
+        assert all("random matched sets" in t for t in shown[0]["what suppressing did"])
     # labels from an LLM when one is configured (a stub OpenAI-compatible endpoint here) ...
     with llm_stub() as base_url:
         env.setenv("MONITOR_LLM_BASE_URL", base_url)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from engine.chat import render_chat
 from engine.errors import MonitorError
 from engine.generate import generate, generate_pair, sequence_logprob
 from engine.hooks import NeuronHooks
-from engine.loader import LoadedModel, load_model
+from engine.loader import load_model
 from engine.steering import Intervention, TokenRange, compile_interventions
 from engine.trace import run_trace
 
@@ -56,25 +55,6 @@ def test_activation_matches_hand_computed_mlp(which, request):
         h = norm_out[layer][0]
         by_hand = F.silu(h @ mlp.gate_proj.weight.T) * (h @ mlp.up_proj.weight.T)  # [tokens, neurons]
         torch.testing.assert_close(trace.activations[layer], by_hand.float(), rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def lm64(lm):
-    """A float64 copy of the embedded model, so finite differences are accurate.
-
-    transformers' RMSNorm computes in float32 whatever the model dtype; with residuals in
-    the thousands at the attention sink that rounding swamps an ε-perturbation, so the
-    copy's norms are made to compute in float64 too (same formula: w · x / √(mean x² + eps)).
-    """
-    model = copy.deepcopy(lm.model).double()
-
-    def rms64(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            module.forward = rms64.__get__(module)
-    return LoadedModel(model, lm.tokenizer, "embedded-fp64", lm.source)
 
 
 def _target_logp(lm, ids, target, layer, token, neuron, delta):

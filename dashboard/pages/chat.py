@@ -12,14 +12,15 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, highlight, hosted, links, ranking, resources, session, steering_specs, widgets
-from dashboard import linter_panel, steering_panel  # noqa: F401  (they register their panels, in this order)
+from dashboard import faithfulness_panel, linter_panel, steering_panel  # noqa: F401  (they register their panels, in this order)
 from dashboard.panels import CHAT_PANELS, ChatContext, panel_key
 from engine.activation_view import normalise
 from engine.errors import MonitorError
 
 MODES = ["Activation", "Attribution"]
 HEAT_METRICS = ["summed |value|", "count over threshold"]
-OBJECTIVES = {"logprob": "log p(target)", "prob": "p(target)"}
+OBJECTIVES = {"logprob": "log p(target)", "prob": "p(target)", "contrast": "log p(target) − log p(distractor)",
+              "answer": "L(answer) − L(versus)"}
 
 # `/?layer=L&neuron=N` is the neuron page's address too: send it there.
 _qp = st.query_params
@@ -30,6 +31,23 @@ steering_specs.restore_from_url()  # `?steer=…` (a shared steering link) resto
 res = resources.resources()
 lm = res.lm
 msgs = session.messages()
+
+
+def _distractor_options(target: int) -> list[str]:
+    """The model's top-5 next tokens at the target position, the target itself left out: the
+    runner-up first (the default distractor)."""
+    if target < 1:
+        return []
+    return [t for t, _ in fwd.top_next[target - 1] if t != tokens[target]]
+
+
+def _distractor(target: int) -> str | None:
+    """The distractor picked in the target box (typed text wins over the picker)."""
+    typed = st.session_state.get("w_distractor_text") or ""
+    if typed:
+        return typed
+    options = _distractor_options(target)
+    return st.session_state.get(f"w_distractor_{target}", options[0] if options else None)
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -239,7 +257,10 @@ with c_a:
     else:
         objective = st.radio("Attribution objective", list(OBJECTIVES), format_func=OBJECTIVES.get, horizontal=True,
                              key=widgets.widget_key("objective", "logprob"),
-                             help="activation × ∂objective/∂activation, total derivative through later layers.")
+                             help="activation × ∂objective/∂activation, total derivative through later layers. "
+                                  "Contrastive: why the target rather than the distractor (picked next to the "
+                                  "target token). Answer level: complete-answer log-probabilities of two answers "
+                                  "after the question (typed next to the target token).")
         widgets.remember("objective")
         value_title = f"attribution to {OBJECTIVES[objective]}"
 
@@ -260,24 +281,47 @@ else:
     target_trace = None
     rows = pd.DataFrame({c: pd.Series(dtype="int64" if c not in ("value", "activation") else "float64")
                          for c in ranking.ROW_COLUMNS})
-    if target < 1:
+    okey = None
+    if objective == "answer":
+        answer = tuple(str(st.session_state.get(k) or "") for k in ("w_answer", "w_versus", "w_stem"))
+        if not answer[0].strip() and not answer[1].strip():
+            note, note_kind = "Type an answer and the answer to compare it with (next to the target token).", "info"
+        else:
+            okey = ("answer",) + answer
+            try:
+                target_trace = session.get_trace(lm, chat, None, answer=answer)
+            except MonitorError as err:
+                note, note_kind = str(err), "error"
+    elif target < 1:
         note, note_kind = "Token 0 has nothing before it to predict it: pick another target token to attribute to.", "info"
     else:
+        distractor = _distractor(target) if objective == "contrast" else None
+        okey = None if distractor is None else ("contrast", distractor)
         try:
-            target_trace = session.get_trace(lm, chat, target)
+            target_trace = session.get_trace(lm, chat, target, distractor=distractor)
         except MonitorError as err:
             note, note_kind = str(err), "error"
     if target_trace is not None:
-        akey = session.trace_key(lm, chat, target)
-        attr = ranking.attribution_values(target_trace, objective)
+        akey = session.trace_key(lm, chat, target if objective != "answer" else None, okey)
+        attr = ranking.attribution_values(target_trace, objective if objective in ("logprob", "prob") else "logprob")
         rows = session.session_memo("attr_rows", (akey, objective, skip_sink),
                                   lambda: ranking.attribution_rows(attr, target_trace.activations,
                                                                    session.ATTRIBUTION_TOP_K, skip_sink))
         heat = session.session_memo("attr_heat", (akey, objective, skip_sink),
                                   lambda: ranking.attribution_heatmap(attr, rows, skip_sink))
-        note = (f"Target token **{target}** `{highlight.show_token(tokens[target])}`: p = {target_trace.target_prob:.3f} "
-                f"given the tokens before it. Top **{len(rows):,}** (layer, token, neuron) cells by |attribution|"
-                + (" · token 0 excluded" if skip_sink else "") + ".")
+        obj = target_trace.objective
+        cells = (f"Top **{len(rows):,}** (layer, token, neuron) cells by |attribution|"
+                 + (" · token 0 excluded" if skip_sink else "") + ".")
+        if objective == "answer":
+            note = (f"Answer level: **{obj.label}** = {target_trace.objective_value:.3f} (complete-answer "
+                    f"log-probabilities after the question; the stem's tokens are appended to the trace). " + cells)
+        elif obj.kind == "contrast":
+            note = (f"Target token **{target}** `{highlight.show_token(tokens[target])}` vs distractor "
+                    f"`{highlight.show_token(lm.tokenizer.decode([obj.distractor_id]))}`: {obj.label} = "
+                    f"{target_trace.objective_value:.3f} (p = {target_trace.target_prob:.3f}). " + cells)
+        else:
+            note = (f"Target token **{target}** `{highlight.show_token(tokens[target])}`: p = {target_trace.target_prob:.3f} "
+                    f"given the tokens before it. " + cells)
     else:
         target_trace = fwd  # panels still get a trace (activations only)
 
@@ -290,7 +334,8 @@ else:
 table["described"] = table["description"].notna()
 table["description"] = table["description"].fillna(missing_text)
 table["summary"] = table["summary"].fillna(missing_text)
-table["token"] = [highlight.token_label(i, tokens[i]) for i in table["token_index"]]
+row_tokens = target_trace.tokens if mode == "Attribution" else tokens  # answer level: + the stem's tokens
+table["token"] = [highlight.token_label(i, row_tokens[i]) for i in table["token_index"]]
 table["polarity_name"] = [charts.polarity_name(p) for p in table["polarity"]]
 table["url"] = [links.neuron_url(l, n) for l, n in zip(table["layer"], table["neuron"])]
 table["id"] = [f"{l}/{n}" for l, n in zip(table["layer"], table["neuron"])]
@@ -342,7 +387,7 @@ with hc:
         title = f"Σ |{value_title}|" if field == "sum_abs" else ("neurons over threshold" if mode == "Activation"
                                                                else "top cells")
         if (heat[field] > 0).any():
-            st.altair_chart(charts.unvalidated(charts.heatmap(heat, tokens, field, title, lm.n_layers)),
+            st.altair_chart(charts.unvalidated(charts.heatmap(heat, row_tokens, field, title, lm.n_layers)),
                             key="heatmap")
         else:
             st.caption("Nothing over the threshold.")
@@ -402,6 +447,20 @@ with target_box:
     st.dataframe(top5, hide_index=True, key="top5", width="stretch",
                  column_config={"probability": st.column_config.ProgressColumn(
                      "probability", min_value=0.0, max_value=1.0, format="%.3f")})
+    if mode == "Attribution" and st.session_state.get("w_objective") == "contrast":
+        options = _distractor_options(target)
+        if options:
+            st.selectbox("Distractor (why the target rather than this?)", options, key=f"w_distractor_{target}",
+                         format_func=lambda t: repr(highlight.show_token(t)),
+                         help="The model's top next tokens at the target position; the runner-up is the default.")
+        st.text_input("…or type a distractor token", key="w_distractor_text", placeholder="e.g. ' 8', or id:N",
+                      help="A token string (several tokens: the first that differs from the target) or id:N.")
+    if mode == "Attribution" and st.session_state.get("w_objective") == "answer":
+        st.text_input("Answer", key="w_answer", placeholder="e.g. 9.8")
+        st.text_input("Versus", key="w_versus", placeholder="e.g. 9.11")
+        st.text_input("Reply stem before the answers", key="w_stem", placeholder="e.g. The bigger number is ",
+                      help="Both answers are appended after the question and this stem; the attribution is to "
+                           "L(answer) − L(versus), the experiment scorer's complete-answer log-probabilities.")
 
 with strip_box:
     vals = None
@@ -423,7 +482,8 @@ with strip_box:
                        selection_mode=charts.TOKEN_SELECTION, width="content")
 
 # --------------------------------------------------------------------------- extension panels (linter, steering)
-ctx = ChatContext(res=res, chat=chat, trace=target_trace, mode=mode, target=target if mode == "Attribution" else None,
+ctx = ChatContext(res=res, chat=chat, trace=target_trace, mode=mode,
+                  target=target if mode == "Attribution" and st.session_state.get("w_objective") != "answer" else None,
                   rows=rows_shown)
 for panel in CHAT_PANELS:
     if panel.lazy:
