@@ -47,7 +47,7 @@ build: setup
 ## demo: set up, start (or resume) the database build in the background if the database is missing,
 ## and open the dashboard on http://localhost:$(PORT) at once (pages pick the database up when it lands)
 demo: setup
-	$(PY) -m precompute background --model $(MODEL)
+	-$(PY) -m precompute background --model $(MODEL)  # a failed start is reported; the dashboard opens anyway
 	$(PY) -m streamlit run dashboard/app.py --server.port $(PORT)
 
 ## bench: every benchmark, JSON on stdout

@@ -96,7 +96,8 @@ def cmd_background(args) -> int:
     from .background import start
 
     cfg = _config(args)
-    Build(cfg, progress=False).check_config()  # conflicting settings fail here, not in the log
+    if not cfg.db_path.exists():  # a finished database needs no build, whatever its folder holds
+        Build(cfg, progress=False).check_config()  # conflicting settings fail here, not in the log
     launch = start(args.build_argv, cfg.db_path, cfg.root, cfg.model)
     print(launch.sentence(cfg.db_path))
     return 0
