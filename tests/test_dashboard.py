@@ -385,7 +385,8 @@ def test_neuron_page_described_layer(env, db):
         assert d["text"] in body and d["summary"] in body
     metrics = {(m.label, m.value) for m in at.metric}
     assert ("explainer", info["descriptions"][1]["explainer"]) in metrics
-    assert ("score", f"{info['descriptions'][1]['score']:.2f}") in metrics
+    main = info["descriptions"][1]["score"]  # NULL when the simulator made no prediction
+    assert ("score", "unscored" if main is None else f"{main:.2f}") in metrics
     # every score of both polarities, with its plain-language badge
     from dashboard.score_badges import badge_markdown
 
