@@ -38,13 +38,15 @@ def log_path(db: Path) -> Path:
     return Path(f"{db}.build.log")
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict, indent: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file, then ``os.replace``)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
+    tmp.write_text(json.dumps(data, indent=indent))
     os.replace(tmp, path)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """``path``'s JSON object, {} when it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -107,7 +109,7 @@ class ProgressFile:
         self._last = now
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _write_json(self.path, self.data)
+            write_json(self.path, self.data)
         except OSError:  # the progress file is a courtesy: never fail a build over it
             pass
 
@@ -196,10 +198,10 @@ def format_duration(s: float) -> str:
 def read_status(db: Path, tail: int = 5) -> BuildStatus | None:
     """The build status of database ``db``, or None when no background build was ever started for it."""
     db = Path(db)
-    launched = _read_json(record_path(db))
+    launched = read_json(record_path(db))
     if not launched:
         return None
-    progress = _read_json(Path(launched.get("work_dir", "")) / PROGRESS_FILE) if launched.get("work_dir") else {}
+    progress = read_json(Path(launched.get("work_dir", "")) / PROGRESS_FILE) if launched.get("work_dir") else {}
     lines: list[str] = []
     try:
         with open(log_path(db), "rb") as fh:

@@ -157,7 +157,11 @@ class NeuronDB:
         self.version = meta["schema_version"]
         self.tables = tuple(t for t in TABLES if t not in ABSENT_IN.get(self.version, ()))
         self._scorer_values: dict[str, np.ndarray] = {}
-        self.has_scores = "scores" in self.tables
+
+    @property
+    def has_scores(self) -> bool:
+        """Whether the file has the scores table (a version-1 file has not)."""
+        return "scores" in self.tables
 
     # ------------------------------------------------------------------ basics
     def __enter__(self) -> "NeuronDB":
@@ -352,7 +356,7 @@ class NeuronDB:
         key = [layer, neuron]
         with self.cursor() as cur:
             out = cur.execute("SELECT promotes, suppresses FROM neurons WHERE layer = ? AND neuron = ?", key).fetchall()
-            scorer = "score_scorer" if "scores" in self.tables else "CAST(NULL AS VARCHAR)"
+            scorer = "score_scorer" if self.has_scores else "CAST(NULL AS VARCHAR)"
             descs = cur.execute(f"SELECT polarity, text, summary, score, explainer, {scorer} FROM descriptions "
                                 "WHERE layer = ? AND neuron = ? ORDER BY polarity DESC", key).fetchall()
             quants = cur.execute("SELECT q, value FROM quantiles WHERE layer = ? AND neuron = ? ORDER BY q",
@@ -493,7 +497,7 @@ class NeuronDB:
         """Every score row of one neuron (both polarities; columns as the scores table),
         positive polarity first; empty for a version-1 file."""
         layer, neuron = self.check_neuron(layer, neuron)
-        cols = ["layer", "neuron", "polarity", "scorer", "version", "value", "split", "n", "detail"]
+        cols = list(COLUMNS["scores"])
         if not self.has_scores:
             return pd.DataFrame(columns=cols)
         with self.cursor() as cur:

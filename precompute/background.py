@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.build_status import _read_json, _write_json, lock_path, log_path, record_path
+from cache.build_status import lock_path, log_path, read_json, record_path, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def start(build_argv: list[str], db: Path, work_dir: Path, model: str) -> Launch
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return Launch("running", _read_json(record_path(db)).get("pid"), log)
+            return Launch("running", read_json(record_path(db)).get("pid"), log)
         if db.exists():  # finished between the first check and the lock
             return Launch("ready", None, log)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -66,7 +66,7 @@ def start(build_argv: list[str], db: Path, work_dir: Path, model: str) -> Launch
             proc = subprocess.Popen([sys.executable, "-m", "precompute", "build", *build_argv], cwd=ROOT, env=env,
                                     stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                                     start_new_session=True, pass_fds=(fd,))
-        _write_json(record_path(db), {"pid": proc.pid, "model": model, "work_dir": str(Path(work_dir).resolve()),
+        write_json(record_path(db), {"pid": proc.pid, "model": model, "work_dir": str(Path(work_dir).resolve()),
                                       "db": str(db.resolve()), "log": str(log.resolve()), "argv": build_argv,
                                       "started": time.time()})
         return Launch("started", proc.pid, log)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from cache.build_status import ProgressFile
+from cache.build_status import ProgressFile, write_json
 from engine.errors import MonitorError
 from engine.kill_points import kill_point
 from engine.loader import data_dir, model_slug
@@ -166,10 +166,7 @@ class Build:
             self._record_config()
 
     def _record_config(self) -> None:
-        path = self.root / "config.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.cfg.identity(), indent=2))
-        os.replace(tmp, path)
+        write_json(self.root / "config.json", self.cfg.identity(), indent=2)
 
     def precision(self) -> str:
         """The activation pass's arithmetic: ``fp32``, or ``bf16`` (autocast on the CPU).
@@ -223,9 +220,8 @@ class Build:
 
     def mark(self, stage: str, info: dict | None = None) -> None:
         """Write ``stage``'s marker atomically, with the time and ``info``."""
-        tmp = self.root / f".{stage}.done.tmp"
-        tmp.write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}))
-        os.replace(tmp, self.root / f"{stage}.done")
+        write_json(self.root / f"{stage}.done",
+                   {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})})
 
     def stage_info(self, stage: str) -> dict:
         """What a finished stage recorded in its marker (e.g. the explainer or scorer id); {} if none."""
