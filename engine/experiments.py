@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .prompt_sets import DECIMALS_PREFIX, Item, pair_ids
-from .scoring import DEFAULT_BATCH, DEFAULT_MAX_NEW_TOKENS, Scores, prepare, score
+from .scoring import DEFAULT_BATCH, DEFAULT_MAX_NEW_TOKENS, Scores, prepare, score_many
 
 DEFAULT_CONTROLS = 20
 ALPHA = 0.05
@@ -112,24 +112,32 @@ def run_experiment(lm, items: Sequence[Item], conditions: Sequence[Condition], q
                    batch_size: int = DEFAULT_BATCH, config: dict | None = None,
                    progress: Callable[[str, int, int], None] | None = None,
                    greedy_controls: bool = False) -> ExperimentResult:
-    """Score ``items`` under every condition. ``progress(condition name, done, total)``.
+    """Score ``items`` under every condition (:func:`engine.scoring.score_many`: the conditions share
+    forward passes). ``progress(label of the conditions being scored, done, total)`` counts item-conditions.
 
     Greedy replies (when ``greedy``) are decoded for the baseline and the steered conditions, and
     for the random controls only with ``greedy_controls`` (decoding costs about as much again).
     """
     t0 = time.perf_counter()
     prep = prepare(lm, items, prefix)
-    scores = []
-    for cond in conditions:
+    scores: list[Scores | None] = [None] * len(conditions)
+    # Conditions that decode, then the rest, each lot scored together in shared forward passes.
+    decode = [greedy and (c.kind != "control" or greedy_controls) for c in conditions]
+    for flag in (True, False):
+        idx = [i for i, d in enumerate(decode) if d == flag]
+        if not idx:
+            continue
+        label = ", ".join(conditions[i].name for i in idx[:2]) + (f" and {len(idx) - 2} more" if len(idx) > 2 else "")
         done = [0]
 
-        def tick(k, name=cond.name):
+        def tick(k, label=label, total=len(items) * len(idx)):
             done[0] += k
             if progress is not None:
-                progress(name, done[0], len(items))
+                progress(label, done[0], total)
 
-        decode = greedy and (cond.kind != "control" or greedy_controls)
-        scores.append(score(lm, prep, cond.interventions, quantiles, decode, max_new_tokens, batch_size, tick))
+        for i, sc in zip(idx, score_many(lm, prep, [conditions[i].interventions for i in idx], quantiles, flag,
+                                         max_new_tokens, batch_size, tick)):
+            scores[i] = sc
     cfg = dict(config or {})
     cfg.update({"prefix": prefix, "greedy": greedy, "greedy_controls": greedy_controls,
                 "max_new_tokens": max_new_tokens, "n": len(items)})
@@ -356,9 +364,12 @@ def to_markdown(summary: dict, include_controls: bool = False) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     cfg = summary["config"]
     lines.append("")
+    stem = "each format's own" if cfg.get("prefix", "") is None else repr(cfg.get("prefix", ""))
+    greedy = (f"greedy ≤ {cfg['max_new_tokens']} tokens" if cfg.get("greedy", True) and cfg.get("max_new_tokens")
+              else "no greedy replies")
     lines.append(f"n = {summary['n']} prompts ({summary['n_pairs']} pairs); model {cfg.get('model', '?')}; database "
-                 f"{cfg.get('db', '–')}; seed {cfg.get('seed', '?')}; stem {cfg.get('prefix', '')!r}; greedy ≤ "
-                 f"{cfg.get('max_new_tokens')} tokens; total runtime {summary['seconds']:.0f} s.")
+                 f"{cfg.get('db', '–')}; seed {cfg.get('seed', '?')}; stem {stem}; {greedy}; "
+                 f"total runtime {summary['seconds']:.0f} s.")
     lines.append("")
     lines.append(summary["verdict"])
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 The input of ``down_proj`` is ``act_fn(gate_proj(x)) * up_proj(x)`` — the neurons. One
 pre-hook per layer sees it as ``[batch, tokens, neurons]``, applies the compiled
-interventions (see :mod:`engine.steering`) and records the (possibly steered) value.
+interventions (see :mod:`engine.steering`; a :class:`~engine.steering.StackedInterventions`
+steers each block of batch rows its own way) and records the (possibly steered) value.
 
 With ``keep_graph=True`` the recorded tensors stay in the autograd graph, so
 ``torch.autograd.grad(objective, hooks.captured)`` gives the *total* derivative through
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .steering import CompiledInterventions, apply_layer_ops
+from .steering import CompiledInterventions, StackedInterventions
 
 
 class NeuronHooks:
@@ -31,7 +32,7 @@ class NeuronHooks:
         lm,
         capture: bool = False,
         keep_graph: bool = False,
-        interventions: CompiledInterventions | None = None,
+        interventions: CompiledInterventions | StackedInterventions | None = None,
     ):
         self.lm = lm
         self.capture = capture
@@ -42,20 +43,18 @@ class NeuronHooks:
         self._handles = []
 
     def _hook(self, layer: int):
-        ops_rounds = self.interventions.layers.get(layer) if self.interventions else None
-        prompt_len = self.interventions.prompt_len if self.interventions else 0
+        steer = self.interventions if self.interventions and self.interventions.touches(layer) else None
 
         def hook(module, args):
             x = args[0]
-            if ops_rounds:
-                for ops in ops_rounds:
-                    x = apply_layer_ops(x, ops, self.offset, prompt_len)
+            if steer is not None:
+                x = steer.apply(layer, x, self.offset)
             leaf = self.keep_graph and layer == 0 and not x.requires_grad
             if leaf:  # the graph starts here: nothing upstream of layer 0's neurons is differentiated
                 x = x.detach().requires_grad_(True)
             if self.capture:
                 self.captured[layer] = x if self.keep_graph else x.detach()
-            if ops_rounds or leaf:
+            if steer is not None or leaf:
                 return (x,) + tuple(args[1:])
             return None
 

@@ -169,6 +169,8 @@ def run_suite(lm, selections, suite: Suite | None = None, concept_controls=(), q
                 progress(f"{stage}: {name}", done[0], total)
         return inner
 
+    config = {"seed": suite.seed, "greedy": suite.greedy,
+              "max_new_tokens": suite.max_new_tokens if suite.greedy else 0, **(config or {})}
     masses: dict[str, np.ndarray] = {}
     results = []
     for (fmt, kind, xr, _), items in zip(cells, cell_items):
@@ -187,7 +189,7 @@ def run_suite(lm, selections, suite: Suite | None = None, concept_controls=(), q
         cell_reports.append({"format": fmt, "set": kind, "x_range": list(xr), "pairs": n, "heldout": fmt == "heldout",
                              "stem": FORMATS[fmt].stem, "summary": summary})
     main = [r for (fmt, *_), r in zip(cells, results) if fmt != "heldout"]
-    pooled = analyze(concat(main, {"pooled": True, **(config or {})}), seed=suite.seed)
+    pooled = analyze(concat(main, {"pooled": True, "prefix": None, **config}), seed=suite.seed)
     report = {"suite": dataclasses.asdict(suite), "config": dict(config or {}), "cells": cell_reports,
               "pooled": pooled, "conditions_per_cell": per_cell}
     if suite.doses or suite.strengths:

@@ -4,7 +4,8 @@ Provides:
 
 * :func:`prepare` → :class:`Prepared`: items rendered and tokenised once, grouped by length;
 * :func:`score` → :class:`Scores`: for every item and candidate answer, three log-probabilities
-  (below), and the greedy reply with its verdict (:func:`judge`);
+  (below), and the greedy reply with its verdict (:func:`judge`); :func:`score_many` does the
+  same for many steering conditions in shared forward passes;
 * :func:`answer_logprobs`: the same complete-answer scores for any number of candidates of one
   chat (the steering page's answer table uses it);
 * :func:`boundary_masks`: which vocabulary tokens end an answer.
@@ -39,7 +40,8 @@ set, no padding in the prompt). The tokens every prompt shares (system prompt, t
 question's first words) run once per group into a KV cache; per batch one forward over the rest
 of prompt + stem extends a copy of it; the candidates (all ``k`` per item, right-padded:
 causal attention keeps padding from touching real tokens) run on a copy repeated ×k, and
-greedy decoding continues on the original. Measured: ``python -m benchmarks.steering --experiment``.
+greedy decoding continues on the original. :func:`score_many` stacks conditions into the same
+forwards (one item under many steerings), so small groups still make full batches. Measured: ``python -m benchmarks.steering --experiment``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from .errors import MonitorError
 from .prompt_sets import DECIMALS_PREFIX, Item
 
 DEFAULT_MAX_NEW_TOKENS = 12
-DEFAULT_BATCH = 64
+DEFAULT_BATCH = 128  # rows per forward (items × stacked conditions): 1.5× the throughput of one condition at a time here
 TIE_EPS = 1e-4  # nats: |L(correct) − L(wrong)| at or below this is a tie (½ correct)
 METRICS = ("complete", "first_diff", "token_sum")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -271,11 +273,11 @@ class _BatchScores:
     """What one batch of :func:`score` computed, for rows ``index``."""
 
     index: list[int]
-    complete: np.ndarray  # [B, k]
-    first_diff: np.ndarray  # [B, k]
-    token_sum: np.ndarray  # [B, k]
-    replies: list[str]
-    verdicts: list[str]
+    complete: np.ndarray  # [S, B, k] (S stacked conditions)
+    first_diff: np.ndarray  # [S, B, k]
+    token_sum: np.ndarray  # [S, B, k]
+    replies: list[list[str]]  # [S][B]
+    verdicts: list[list[str]]
 
 
 def score(lm, prep: Prepared, interventions=None, quantiles=None, greedy: bool = True,
@@ -287,88 +289,125 @@ def score(lm, prep: Prepared, interventions=None, quantiles=None, greedy: bool =
     prompt and ``+generated`` ranges the stem, the candidates and the reply, exactly as
     :func:`engine.generate.sequence_logprob` and :func:`engine.generate.generate` do.
     """
+    return score_many(lm, prep, [interventions], quantiles, greedy, max_new_tokens, batch_size,
+                      None if progress is None else (lambda k: progress(k)))[0]
+
+
+def score_many(lm, prep: Prepared, conditions: Sequence, quantiles=None, greedy: bool = True,
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH,
+               progress: Callable[[int], None] | None = None) -> list[Scores]:
+    """:func:`score` for many steering conditions (each a list of interventions, or None) at once.
+
+    The conditions of a chunk share every forward pass: their rows are stacked, condition by
+    condition, and a :class:`~engine.steering.StackedInterventions` steers each block its own
+    way, so a group of few same-length items still fills a batch of about ``batch_size`` rows
+    (one item under many conditions). The results equal scoring each condition alone.
+    ``progress(k)``: ``k`` more item-conditions scored. A condition's ``seconds`` is its share of
+    the wall time.
+    """
     import torch
     from transformers import DynamicCache
 
     from .hooks import NeuronHooks
-    from .steering import compile_interventions
+    from .steering import StackedInterventions, compile_interventions
 
     t0 = time.perf_counter()
+    C = len(conditions)
     n, k = len(prep.rows), prep.n_candidates
-    out = {name: np.full((n, k), np.nan) for name in METRICS}
-    replies, verdicts = [""] * n, ["other"] * n
+    out = [{name: np.full((n, k), np.nan) for name in METRICS} for _ in range(C)]
+    replies = [[""] * n for _ in range(C)]
+    verdicts = [["other"] * n for _ in range(C)]
     common = prep.common
     for key, members in prep.groups.items():
-        compiled = compile_interventions(interventions or [], prep.rendered[key], lm.n_layers, lm.n_neurons,
-                                         quantiles, device=lm.device, dtype=lm.dtype)
-        with lm.lock, torch.inference_mode(), NeuronHooks(lm, interventions=compiled) as hooks:
-            head = None
-            if common:
-                # The shared head (system prompt, template, start of the question) once per group.
-                head = DynamicCache()
-                hooks.offset = 0
-                head_ids = torch.tensor([prep.rows[members[0]].ids[:common]], dtype=torch.long, device=lm.device)
-                lm.model(input_ids=head_ids, cache=head, use_cache=True, logits_to_keep=1)
-            for start in range(0, len(members), batch_size):
-                batch = [prep.rows[i] for i in members[start:start + batch_size]]
-                res = _score_batch(lm, hooks, head, common, batch, prep, greedy, max_new_tokens)
-                for name in METRICS:
-                    out[name][res.index] = getattr(res, name)
-                for i, reply, verdict in zip(res.index, res.replies, res.verdicts):
-                    replies[i], verdicts[i] = reply, verdict
-                if progress is not None:
-                    progress(len(batch))
-    return Scores(out["complete"], out["first_diff"], out["token_sum"], replies, verdicts, time.perf_counter() - t0)
+        per_batch = min(len(members), batch_size)
+        chunk = max(1, batch_size // per_batch)  # conditions sharing a forward
+        for c0 in range(0, C, chunk):
+            cids = list(range(c0, min(C, c0 + chunk)))
+            compiled = StackedInterventions([
+                compile_interventions(conditions[c] or [], prep.rendered[key], lm.n_layers, lm.n_neurons, quantiles,
+                                      device=lm.device, dtype=lm.dtype) for c in cids])
+            S = len(cids)
+            with lm.lock, torch.inference_mode(), NeuronHooks(lm, interventions=compiled) as hooks:
+                head = None
+                if common:
+                    # The shared head (system prompt, template, start of the question) once per group
+                    # and condition.
+                    head = DynamicCache()
+                    hooks.offset = 0
+                    head_ids = torch.tensor([prep.rows[members[0]].ids[:common]] * S, dtype=torch.long,
+                                            device=lm.device)
+                    lm.model(input_ids=head_ids, cache=head, use_cache=True, logits_to_keep=1)
+                for start in range(0, len(members), per_batch):
+                    batch = [prep.rows[i] for i in members[start:start + per_batch]]
+                    res = _score_batch(lm, hooks, head, common, batch, prep, greedy, max_new_tokens, S)
+                    for j, c in enumerate(cids):
+                        for name in METRICS:
+                            out[c][name][res.index] = getattr(res, name)[j]
+                        for i, reply, verdict in zip(res.index, res.replies[j], res.verdicts[j]):
+                            replies[c][i], verdicts[c][i] = reply, verdict
+                    if progress is not None:
+                        progress(len(batch) * S)
+    seconds = (time.perf_counter() - t0) / max(C, 1)
+    return [Scores(o["complete"], o["first_diff"], o["token_sum"], r, v, seconds)
+            for o, r, v in zip(out, replies, verdicts)]
 
 
 def _score_batch(lm, hooks, head, common: int, batch: list[_Row], prep: Prepared, greedy: bool,
-                 max_new_tokens: int) -> _BatchScores:
-    """One batch of :func:`score` (rows of one group: the same rendered length)."""
+                 max_new_tokens: int, S: int = 1) -> _BatchScores:
+    """One batch of :func:`score_many`: rows of one group (the same rendered length) under ``S``
+    stacked conditions (rows condition-major: condition 0's rows, then condition 1's, …).
+    The returned arrays and lists have a leading condition axis."""
     import torch
     from transformers import DynamicCache
 
     device = lm.device
     B, k = len(batch), prep.n_candidates
-    ids = torch.tensor([r.ids for r in batch], dtype=torch.long, device=device)  # [B, T0]
+    ids = torch.tensor([r.ids for r in batch] * S, dtype=torch.long, device=device)  # [S·B, T0]
     T0 = ids.shape[1]
     if head is not None:
-        cache = copy.deepcopy(head)
+        cache = copy.deepcopy(head)  # [S] rows, one per condition
         cache.batch_repeat_interleave(B)
     else:
         cache = DynamicCache()
     hooks.offset = common
     last = lm.model(input_ids=ids[:, common:], cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    cands = [c for r in batch for c in r.cands]  # [B·k] token lists, candidate-major within a row
+    cands = [c for r in batch for c in r.cands] * S  # [S·B·k] token lists: condition, row, candidate
     longest = max(len(c) for c in cands)
     # Every candidate token is fed, so the logits after its last token give the boundary mass.
     cc = copy.deepcopy(cache) if greedy and max_new_tokens > 0 else cache
     cc.batch_repeat_interleave(k)
     inp = torch.tensor([c + [c[-1]] * (longest - len(c)) for c in cands], dtype=torch.long, device=device)
     hooks.offset = T0
-    logits = lm.model(input_ids=inp, cache=cc, use_cache=True).logits.float()  # [B·k, M, V]
+    logits = lm.model(input_ids=inp, cache=cc, use_cache=True).logits.float()  # [S·B·k, M, V]
     del cc
     masks = boundary_masks(lm)
-    complete = np.zeros((B, k))
-    token_sum = np.zeros((B, k))
-    first = np.full((B, k), np.nan)
-    for b, r in enumerate(batch):
-        per_token = []  # per candidate: [log p(c_1), …, log p(c_m), log P(B(c))]
-        for j, (c, text) in enumerate(zip(r.cands, r.texts)):
-            row, m = b * k + j, len(c)
-            terms = answer_terms(torch.cat([last[b:b + 1].float(), logits[row, :m]]), c, masks.for_candidate(text))
-            lp = terms.tolist()
-            token_sum[b, j] = sum(lp[:-1])
-            complete[b, j] = sum(lp)
-            per_token.append(lp)
-        if k == 2:
-            c0, c1 = r.cands
-            j = next((i for i, (x, y) in enumerate(zip(c0, c1)) if x != y), min(len(c0), len(c1)))
-            first[b] = [per_token[0][j], per_token[1][j]]  # index len(c) is the boundary term
-    replies, verdicts = [""] * B, ["other"] * B
+    complete = np.zeros((S, B, k))
+    token_sum = np.zeros((S, B, k))
+    first = np.full((S, B, k), np.nan)
+    for s in range(S):
+        for b, r in enumerate(batch):
+            per_token = []  # per candidate: [log p(c_1), …, log p(c_m), log P(B(c))]
+            sb = s * B + b
+            for j, (c, text) in enumerate(zip(r.cands, r.texts)):
+                row, m = sb * k + j, len(c)
+                terms = answer_terms(torch.cat([last[sb:sb + 1].float(), logits[row, :m]]), c,
+                                     masks.for_candidate(text))
+                lp = terms.tolist()
+                token_sum[s, b, j] = sum(lp[:-1])
+                complete[s, b, j] = sum(lp)
+                per_token.append(lp)
+            if k == 2:
+                c0, c1 = r.cands
+                j = next((i for i, (x, y) in enumerate(zip(c0, c1)) if x != y), min(len(c0), len(c1)))
+                first[s, b] = [per_token[0][j], per_token[1][j]]  # index len(c) is the boundary term
+    replies = [[""] * B for _ in range(S)]
+    verdicts = [["other"] * B for _ in range(S)]
     if greedy and max_new_tokens > 0:
-        replies = _greedy(lm, hooks, cache, last, batch, prep.tail, T0, max_new_tokens)
-        verdicts = [judge(text, r.texts[0], r.texts[1]) if len(r.texts) == 2 else "other"
-                    for text, r in zip(replies, batch)]
+        flat = _greedy(lm, hooks, cache, last, batch * S, prep.tail, T0, max_new_tokens)
+        for s in range(S):
+            replies[s] = flat[s * B:(s + 1) * B]
+            verdicts[s] = [judge(text, r.texts[0], r.texts[1]) if len(r.texts) == 2 else "other"
+                           for text, r in zip(replies[s], batch)]
     return _BatchScores([r.index for r in batch], complete, first, token_sum, replies, verdicts)
 
 

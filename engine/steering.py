@@ -229,6 +229,107 @@ class CompiledInterventions:
     def __bool__(self) -> bool:
         return bool(self.layers)
 
+    def touches(self, layer: int) -> bool:
+        return bool(self.layers.get(layer))
+
+    def apply(self, layer: int, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """``x`` [batch, tokens, neurons] with this layer's ops applied (every row alike)."""
+        for ops in self.layers.get(layer, ()):
+            x = apply_layer_ops(x, ops, offset, self.prompt_len)
+        return x
+
+
+@dataclass
+class _DenseLayer:
+    """One layer's ops of every set of a :class:`StackedInterventions` as dense tables:
+    a touched cell becomes ``a·mult + add`` (replace: ``mult = 0, add = value``; scale:
+    ``mult = factor, add = 0``; untouched neurons ``1, 0``)."""
+
+    mult: torch.Tensor  # [sets, neurons]
+    add: torch.Tensor  # [sets, neurons]
+    positions: torch.Tensor  # [sets, prompt_len] bool
+    generated: torch.Tensor  # [sets] bool
+
+
+@dataclass
+class StackedInterventions:
+    """A different :class:`CompiledInterventions` per block of batch rows, for scoring many
+    steering conditions in one forward pass.
+
+    A batch of ``S·r`` rows is read as ``S`` consecutive blocks of ``r`` rows; block ``i``
+    gets ``sets[i]``. Every set must be compiled on a chat of the same length. Where each
+    set's ops on a layer share one token range (the usual case: one range per condition),
+    the layer is applied as dense per-set tables in a few tensor operations; otherwise each
+    block runs :func:`apply_layer_ops` on its own rows. Both give exactly what the sets give
+    one at a time.
+    """
+
+    sets: list[CompiledInterventions]
+    prompt_len: int = field(init=False)
+    _dense: dict[int, _DenseLayer | None] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.sets:
+            raise ValueError("StackedInterventions needs at least one set")
+        lengths = {c.prompt_len for c in self.sets}
+        if len(lengths) != 1:
+            raise ValueError("stacked interventions must be compiled on chats of one length")
+        self.prompt_len = lengths.pop()
+        for layer in {l for c in self.sets for l in c.layers}:
+            self._dense[layer] = self._densify(layer)
+
+    def __bool__(self) -> bool:
+        return any(self.sets)
+
+    def touches(self, layer: int) -> bool:
+        return layer in self._dense
+
+    def _densify(self, layer: int) -> _DenseLayer | None:
+        ref = next(c for c in self.sets if c.layers.get(layer)).layers[layer][0]
+        S, n = len(self.sets), self.sets[0].n_neurons
+        dev, dtype = ref.values.device, ref.values.dtype
+        mult = torch.ones(S, n, dtype=dtype, device=dev)
+        add = torch.zeros(S, n, dtype=dtype, device=dev)
+        positions = torch.zeros(S, self.prompt_len, dtype=torch.bool, device=dev)
+        generated = torch.zeros(S, dtype=torch.bool, device=dev)
+        for i, c in enumerate(self.sets):
+            rounds = c.layers.get(layer)
+            if not rounds:
+                continue
+            if len(rounds) > 1:
+                return None
+            ops = rounds[0]
+            if not (ops.positions == ops.positions[:1]).all() or not (ops.generated == ops.generated[:1]).all():
+                return None  # ops with different token ranges: applied block by block
+            mult[i, ops.neurons] = torch.where(ops.replace, torch.zeros_like(ops.values), ops.values)
+            add[i, ops.neurons] = torch.where(ops.replace, ops.values, torch.zeros_like(ops.values))
+            positions[i] = ops.positions[0]
+            generated[i] = ops.generated[0]
+        return _DenseLayer(mult, add, positions, generated)
+
+    def apply(self, layer: int, x: torch.Tensor, offset: int) -> torch.Tensor:
+        S = len(self.sets)
+        if x.shape[0] % S:
+            raise ValueError(f"a batch of {x.shape[0]} rows cannot be split into {S} equal blocks")
+        r = x.shape[0] // S
+        dense = self._dense.get(layer)
+        if dense is None:
+            if layer not in self._dense:
+                return x
+            return torch.cat([c.apply(layer, x[i * r:(i + 1) * r], offset) for i, c in enumerate(self.sets)])
+        t = x.shape[1]
+        pos = torch.arange(offset, offset + t, device=x.device)
+        in_prompt = pos < self.prompt_len
+        touch = torch.zeros(S, t, dtype=torch.bool, device=x.device)
+        if in_prompt.any():
+            touch[:, in_prompt] = dense.positions[:, pos[in_prompt]]
+        touch |= (~in_prompt)[None, :] & dense.generated[:, None]
+        if not touch.any():
+            return x
+        xv = x.view(S, r, t, x.shape[-1])
+        new = xv * dense.mult[:, None, None, :].to(x.dtype) + dense.add[:, None, None, :].to(x.dtype)
+        return torch.where(touch[:, None, :, None], new, xv).view_as(x)
+
 
 def compile_interventions(
     interventions: Iterable[Intervention],

@@ -177,3 +177,68 @@ def test_classify_needs_every_condition():
     assert classify(row)["complete"] == "no change"
     row = {"greedy": {"valid_rate": 0.2, "vs_baseline": {"diff": 0.5, "p": 1e-9}}}
     assert classify(row)["greedy"] == "not measured" and classify(row)["complete"] == "not measured"
+
+
+# --------------------------------------------------------------------------- many conditions in one forward
+def _mixed_conditions(n_layers: int, n_neurons: int):
+    """Steering conditions of every kind the stacked path must reproduce: none, suppress with
+    +generated, replace with a value, scale on the whole prompt, explicit positions, and one with
+    two token ranges on one layer (not densifiable: applied block by block)."""
+    rng = np.random.default_rng(3)
+
+    def neurons(layers, k):
+        return [(int(l), int(n), int(p)) for l in layers for n, p in zip(rng.choice(n_neurons, k, replace=False),
+                                                                         rng.choice([1, -1], k))]
+
+    return [
+        None,
+        [Intervention(neurons(range(0, n_layers, 2), 40), "replace", 0.0, tokens=TokenRange("last_user", generated=True))],
+        [Intervention(neurons(range(n_layers), 20), "replace", 0.8)],
+        [Intervention(neurons((1, n_layers - 1), 60), "scale", factor=2.5, tokens=TokenRange("prompt"))],
+        [Intervention(neurons((2,), 30), "scale", factor=0.0, tokens=TokenRange("positions", (1, 2, 3)))],
+        [Intervention(neurons((2, 3), 30), "replace", 0.0, tokens=TokenRange("positions", (0, 1))),
+         Intervention(neurons((2,), 30), "scale", factor=3.0, tokens=TokenRange("last_user", generated=True))],
+    ]
+
+
+def test_stacked_interventions_equal_each_set_alone(lm):
+    """StackedInterventions.apply on a stacked batch == each compiled set on its own block, bit for bit."""
+    from engine.chat import render_chat
+    from engine.steering import StackedInterventions, compile_interventions
+
+    r = render_chat(lm.tokenizer, [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "Which is bigger: 9.8 or 9.11?"}])
+    q = {1: np.full((lm.n_layers, lm.n_neurons), 3.0), -1: np.full((lm.n_layers, lm.n_neurons), -2.0)}
+    sets = [compile_interventions(c or [], r, lm.n_layers, lm.n_neurons, q) for c in _mixed_conditions(lm.n_layers, lm.n_neurons)]
+    stacked = StackedInterventions(sets)
+    assert stacked._dense[2] is None and stacked._dense[0] is not None  # both paths are exercised
+    gen = torch.Generator().manual_seed(0)
+    for offset, t in ((0, len(r)), (5, 4), (len(r), 3)):  # the prompt, a slice of it, generated tokens
+        x = torch.randn(len(sets) * 3, t, lm.n_neurons, generator=gen)
+        for layer in range(lm.n_layers):
+            got = stacked.apply(layer, x, offset) if stacked.touches(layer) else x
+            want = torch.cat([s.apply(layer, x[3 * i:3 * i + 3], offset) for i, s in enumerate(sets)])
+            assert torch.equal(got, want), (layer, offset)
+    changed = stacked.apply(0, x := torch.randn(len(sets), len(r), lm.n_neurons, generator=gen), 0)
+    assert torch.equal(changed[0], x[0]) and not torch.equal(changed[1], x[1])  # the baseline block is untouched
+
+
+def test_score_many_equals_scoring_each_condition_alone(lm):
+    """The shared-forward scorer gives each condition what scoring it alone gives (scores and greedy
+    replies), across groups of different lengths and condition chunks of several sizes."""
+    from engine.scoring import score_many
+
+    items = format_items(sample_pairs(decimal_pairs("shorter", (2, 30)), 5, seed=2), "system")
+    prep = prepare(lm, items)
+    assert len(prep.groups) > 1 and prep.common > 0
+    q = {1: np.full((lm.n_layers, lm.n_neurons), 3.0), -1: np.full((lm.n_layers, lm.n_neurons), -2.0)}
+    conds = _mixed_conditions(lm.n_layers, lm.n_neurons)
+    alone = [score(lm, prep, c, q, greedy=True, max_new_tokens=6, batch_size=4) for c in conds]
+    for batch in (4, 9):  # chunks of 1–4 conditions per forward
+        many = score_many(lm, prep, conds, q, greedy=True, max_new_tokens=6, batch_size=batch)
+        for a, m in zip(alone, many):
+            for metric in ("complete", "first_diff", "token_sum"):
+                np.testing.assert_allclose(getattr(m, metric), getattr(a, metric), atol=2e-3)
+            assert m.greedy == a.greedy
+    moved = [np.abs(a.complete - alone[0].complete).max() for a in alone[1:]]
+    assert min(moved) > 1e-3  # every condition really steers (or the comparison proves little)

@@ -362,7 +362,7 @@ def _run_tab() -> None:
                 def progress(name: str, done: int, of: int) -> None:
                     finished[name] = done
                     k = sum(finished.values())
-                    bar.progress(min(1.0, k / total), text=f"{name}: {done}/{of} prompts · {k}/{total} scorings")
+                    bar.progress(min(1.0, k / total), text=f"{name}: {done}/{of} · {k}/{total} scorings")
 
                 result = ex.run_experiment(lm, items, conditions, quantiles, prefix=stem, greedy=bool(greedy),
                                            max_new_tokens=int(max_new), config=config, progress=progress)
