@@ -15,8 +15,10 @@
   suite, ``python -m engine experiment replicate`` run in-process (4 formats × 3 sets + the
   held-out cell, 2 concepts with 20 matched controls each, a concept control, the union, the
   scorer check; target ≤ 900 s), with scorings per second, the bare forward's tokens per second
-  on the same kind of prompts (the baseline: the speed with no scoring or steering overhead) and
-  the pooled results.
+  on the same kind of prompts (the baseline: the speed with no scoring or steering overhead),
+  ``forward_tokens`` (token positions the suite's forwards process, counted from its items),
+  ``bare_floor_s`` (those tokens at the bare forward's speed: no scorer can beat it without
+  doing less arithmetic), ``overhead_ratio`` (wall / floor) and the pooled results.
 
 Timings on a shared machine are noisy; the ratio compares runs interleaved in one process
 (order alternating), and ``ops_ratio_*`` adds the steering ops timed in isolation to the
@@ -130,6 +132,33 @@ def bare_tokens_per_s(lm, items, stem: str, batch: int = 64) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+def suite_forward_tokens(lm, report: dict, batch_size: int) -> int:
+    """Token positions the suite's forward passes process, counted from its prepared items (no
+    model run): per cell and condition, the shared head, every item's prompt after the head, the
+    candidates (each padded to its batch's longest) and the greedy replies, plus the scorer check
+    and the mass measurement's prompts are left out (small). Divided by the bare forward's
+    tokens per second it gives the suite's compute floor on this machine."""
+    from engine.replication import RESULTS_KEY
+    from engine.scoring import prepare
+
+    total = 0
+    for res in report[RESULTS_KEY]["cells"]:
+        prep = prepare(lm, res.items, res.config.get("prefix", ""))
+        n_cond = len(res.conditions)
+        per_condition = 0
+        for members in prep.groups.values():
+            per_condition += prep.common
+            for start in range(0, len(members), min(len(members), batch_size)):
+                rows = [prep.rows[i] for i in members[start:start + min(len(members), batch_size)]]
+                longest = max(len(c) for r in rows for c in r.cands)
+                per_condition += sum(len(r.ids) - prep.common + len(r.cands) * longest for r in rows)
+        total += per_condition * n_cond
+        for sc in res.scores:  # greedy replies: one position per generated token
+            total += sum(len(lm.tokenizer(g, add_special_tokens=False)["input_ids"]) + len(prep.tail)
+                         for g in sc.greedy if g)
+    return total
+
+
 def run_suite_timing(lm, db_path: str | None, pairs: int, controls: int, seed: int, report_dir: str | None = None) -> dict:
     """Wall time of the default replication suite (``python -m engine experiment replicate``);
     its report is saved to ``report_dir`` when given."""
@@ -155,12 +184,16 @@ def run_suite_timing(lm, db_path: str | None, pairs: int, controls: int, seed: i
     scorings = sum(c["summary"]["n"] for c in report["cells"]) * report["conditions_per_cell"]
     sample = format_items(sample_pairs(decimal_pairs("shorter"), 32, seed), "chat")
     bare = bare_tokens_per_s(lm, sample, FORMATS["chat"].stem)
+    tokens = suite_forward_tokens(lm, report, suite.batch_size)
     tokens_per_item = sum(len(lm.tokenizer(it.prompt)["input_ids"]) for it in sample) / len(sample)
     return {
         "wall_s": round(wall, 1), "target_s": 900, "cells": len(report["cells"]),
         "pairs_total": sum(c["pairs"] for c in report["cells"]), "conditions_per_cell": report["conditions_per_cell"],
         "controls_per_concept": controls, "scorings": scorings, "scorings_per_s": round(scorings / wall, 2),
         "bare_forward_tokens_per_s": round(bare, 1),
+        # The floor: the suite's token positions through a bare forward at the rate just measured.
+        "forward_tokens": tokens, "bare_floor_s": round(tokens / bare, 1),
+        "overhead_ratio": round(wall / (tokens / bare), 2),
         "seconds_per_scoring": round(wall / scorings, 4),
         "copy_check": report.get("copy_check"),
         "pooled": {r["condition"]: {"diff": round(r["diff"], 4), "call": r["call"],

@@ -20,7 +20,7 @@ import torch
 
 from engine.experiments import Condition, ExperimentResult, analyze, build_conditions, classify, run_experiment
 from engine.prompt_sets import Item, decimal_pairs, format_items, sample_pairs
-from engine.scoring import TIE_EPS, answer_logprobs, boundary_masks, prepare, score
+from engine.scoring import TIE_EPS, answer_logprobs, boundary_masks, prepare, score, score_many
 from engine.specs import ConceptSpec, Selection
 from engine.steering import Intervention, TokenRange
 
@@ -147,11 +147,10 @@ def test_random_concepts_are_called_specific_at_most_about_five_percent_of_the_t
     items = format_items(pairs, "chat")
     prep = prepare(tiny_lm, items)
     rng = np.random.default_rng(0)
-    pool = []
-    for s in range(63):
-        neurons = [(int(l), int(n), 1) for l in range(tiny_lm.n_layers)
-                   for n in rng.choice(tiny_lm.n_neurons, 48, replace=False)]
-        pool.append(score(tiny_lm, prep, [Intervention(neurons, "replace", 0.0)], greedy=False))
+    sets = [[Intervention([(int(l), int(n), 1) for l in range(tiny_lm.n_layers)
+                           for n in rng.choice(tiny_lm.n_neurons, 48, replace=False)], "replace", 0.0)]
+            for _ in range(63)]
+    pool = score_many(tiny_lm, prep, sets, greedy=False)  # the 63 sets share forward passes
     base = score(tiny_lm, prep, None, greedy=False)
     acc = [p.correct_of().mean() for p in pool]
     assert np.std(acc) > 0.01, "random sets must move the tiny model, or the simulation tests nothing"
@@ -226,8 +225,6 @@ def test_stacked_interventions_equal_each_set_alone(lm):
 def test_score_many_equals_scoring_each_condition_alone(lm):
     """The shared-forward scorer gives each condition what scoring it alone gives (scores and greedy
     replies), across groups of different lengths and condition chunks of several sizes."""
-    from engine.scoring import score_many
-
     items = format_items(sample_pairs(decimal_pairs("shorter", (2, 30)), 5, seed=2), "system")
     prep = prepare(lm, items)
     assert len(prep.groups) > 1 and prep.common > 0
