@@ -44,8 +44,9 @@ trace: setup
 build: setup
 	$(PY) -m precompute build --model $(MODEL)
 
-## demo: set up, start (or resume) the database build in the background if the database is missing,
-## and open the dashboard on http://localhost:$(PORT) at once (pages pick the database up when it lands)
+## demo: set up, start (or resume) the database build in the background if the database is missing
+## (a quick partial database first, then the full one), and open the dashboard on http://localhost:$(PORT)
+## at once (pages pick each database up when it lands)
 demo: setup
 	-$(PY) -m precompute background --model $(MODEL)  # a failed start is reported; the dashboard opens anyway
 	$(PY) -m streamlit run dashboard/app.py --server.port $(PORT)

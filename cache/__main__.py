@@ -103,7 +103,11 @@ def run(args: argparse.Namespace) -> int:
             info = {"path": str(db.path), "meta": db.meta, "counts": db.counts()}
             _print(info, args.json, _format_info)
         elif args.command == "neuron":
-            _print(db.neuron(args.layer, args.neuron), args.json, _format_neuron)
+            info = db.neuron(args.layer, args.neuron)
+            note = db.undescribed_note(info["layer"])
+            if note:  # e.g. a layer the quick partial database does not describe
+                info["note"] = note
+            _print(info, args.json, _format_neuron)
         else:
             layer_range = parse_layers(args.layers) if args.layers else None
             filters = dict(k=args.k, layer_range=layer_range, polarity=args.polarity, min_score=args.min_score,
@@ -166,6 +170,8 @@ def _format_hits(rows: list[dict]) -> str:
 
 def _format_neuron(n: dict) -> str:
     lines = [f"Neuron {n['layer']}/{n['neuron']}"]
+    if n.get("note"):
+        lines.append(f"  note: {n['note']}")
     if n["promotes"] or n["suppresses"]:
         lines.append(f"  promotes:   {' '.join(map(repr, n['promotes'][:10]))}")
         lines.append(f"  suppresses: {' '.join(map(repr, n['suppresses'][:10]))}")

@@ -8,6 +8,11 @@ A background build (``precompute.background``) leaves three files next to the da
 - ``<db>.build.json``: how it was launched (pid, model, build folder, log, start time).
 - ``<db>.build.log``: its output.
 
+A background build may be a chain of two builds in one process (``precompute.quick``): a quick
+partial database ``<db>.partial.duckdb``, then the full one. The launch record lists them as
+``phases``; the running one is the first whose database is missing (:func:`current_phase`), and
+its build folder's progress file is the one read.
+
 The build folder holds ``progress.json`` (:class:`ProgressFile`): the running stage, its index,
 and the current progress bar's count, total and start time. This module owns those formats, for
 the writer (the pipeline) and the readers (``python -m precompute status``, the dashboard). It
@@ -20,7 +25,7 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROGRESS_FILE = "progress.json"
@@ -137,12 +142,50 @@ class BuildStatus:
     db: Path
     running: bool
     launched: dict  # <db>.build.json ({} when no background build was started)
-    progress: dict  # progress.json ({} when none)
+    progress: dict  # progress.json of the current phase's build folder ({} when none)
     log_tail: list[str]
+    phase: dict = field(default_factory=dict)  # the chain's current build ({} for a lone full build)
 
     @property
     def stage(self) -> str | None:
         return self.progress.get("stage")
+
+    @property
+    def build(self) -> str:
+        """Which build the progress is of: ``partial`` (the quick one) or ``full``."""
+        return self.phase.get("build", "full")
+
+    @property
+    def chained(self) -> bool:
+        """Whether this background build builds a quick partial database before the full one."""
+        return len(self.launched.get("phases") or []) > 1
+
+    def which(self) -> str:
+        """The build in words: ``the quick partial database (build 1 of 2: layers 0, 5; 256 sequences)``,
+        ``the full database (build 2 of 2)``, or ``the neuron database`` for a lone build."""
+        if not self.chained:
+            return "the neuron database"
+        phases = self.launched["phases"]
+        i = next((j for j, p in enumerate(phases) if p.get("build") == self.build), len(phases) - 1)
+        if self.build == "partial":
+            return f"the quick partial database (build {i + 1} of {len(phases)}: {cover(self.phase)})"
+        return f"the full database (build {i + 1} of {len(phases)})"
+
+    def stage_words(self) -> str:
+        """``stage 4 of 7, descriptions (descriptions (per layer): 12/30, 40%, about 3 min left in this
+        stage)``, or ``starting``."""
+        p = self.progress
+        if not p.get("stage") or p.get("stage") == "finished":
+            return "starting"
+        text = f"stage {p.get('index')} of {p.get('n_stages')}, {p['stage']}"
+        frac = self.fraction()
+        if frac is not None and p.get("desc"):
+            text += f" ({p['desc']}: {p.get('n')}/{p.get('total')}, {frac:.0%}"
+            eta = self.eta_s()
+            text += f", about {format_duration(eta)} left in this stage)" if eta is not None else ")"
+        else:
+            text += f" (running for {format_duration(time.time() - p.get('stage_started', time.time()))})"
+        return text
 
     def fraction(self) -> float | None:
         """The running bar's fraction done (n / total), or None without a bar."""
@@ -162,27 +205,66 @@ class BuildStatus:
         return max(0.0, (total - n) * elapsed / (n - initial))
 
     def sentence(self) -> str:
-        """One line for a user: what is running, its progress and time left, or why it stopped."""
+        """One line for a user: which build (partial or full) runs, its progress and time left, or why it stopped."""
         if not self.running:
             if self.db.exists():
                 return f"The neuron database {self.db.name} is ready."
             last = next((ln for ln in reversed(self.log_tail) if ln.strip()), "")
-            stopped = f" It stopped at stage {self.stage!r}" if self.stage and self.stage != "finished" else ""
+            of = f" of the {self.build} build" if self.chained else ""
+            stopped = f" It stopped at stage {self.stage!r}{of}" if self.stage and self.stage != "finished" else ""
             why = f" (last log line: {last.strip()[:200]})" if last else ""
             return (f"The background database build is not running.{stopped}{why} Run `make demo` (or "
                     f"`python -m precompute background`) to resume it; log: {log_path(self.db)}.")
-        p = self.progress
-        if not p.get("stage"):
-            return f"The neuron database is being built in the background (starting; log: {log_path(self.db)})."
-        text = f"The neuron database is being built in the background: stage {p.get('index')} of {p.get('n_stages')}, {p['stage']}"
-        frac = self.fraction()
-        if frac is not None and p.get("desc"):
-            text += f" ({p['desc']}: {p.get('n')}/{p.get('total')}, {frac:.0%}"
-            eta = self.eta_s()
-            text += f", about {format_duration(eta)} left in this stage)" if eta is not None else ")"
-        else:
-            text += f" (running for {format_duration(time.time() - p.get('stage_started', time.time()))})"
+        which = self.which()
+        if not self.progress.get("stage") or self.progress.get("stage") == "finished":
+            return f"{which[0].upper()}{which[1:]} is being built in the background (starting; log: {log_path(self.db)})."
+        text = f"{which[0].upper()}{which[1:]} is being built in the background: {self.stage_words()}"
+        if self.chained and self.build == "partial":
+            return text + ". The full database follows; pages pick each up when it is ready, without a restart."
         return text + ". Pages pick the database up when it is ready, without a restart."
+
+    def partial_banner(self, meta: dict | None = None) -> str:
+        """The banner over pages showing the partial database (``meta``: its meta, for what it covers)."""
+        return partial_banner(meta or {}, self)
+
+
+def cover(phase: dict) -> str:
+    """What a partial build covers, in words: ``layers 0, 5, 10; 256 sequences``."""
+    layers = ", ".join(map(str, phase.get("layers") or [])) or "?"
+    return f"layers {layers}; {phase.get('n_sequences', '?')} sequences"
+
+
+def partial_banner(meta: dict, status: "BuildStatus | None") -> str:
+    """One line for the pages while they show a quick partial database (meta ``partial``):
+    ``Partial database: layers 0, 5, 10, 15, 20, 25; 256 sequences. The full build is running:
+    stage 2 of 7, activations (…, about 20 min left in this stage). …``"""
+    try:
+        layers = json.loads(meta.get("described_layers") or "null")
+    except ValueError:
+        layers = None
+    covers = cover({"layers": layers, "n_sequences": meta.get("n_sequences", "?")}) if layers else \
+        f"all layers; {meta.get('n_sequences', '?')} sequences"
+    text = f"Partial database: {covers}."
+    if status is None:
+        return text + " The full database is missing: build it with `make demo` (or `python -m precompute background`)."
+    if status.running:
+        if status.build == "partial":
+            return text + " The full build starts next."
+        return (text + f" The full build is running: {status.stage_words()}. Pages switch to the full "
+                       "database when it lands, without a restart.")
+    stopped = f" (it stopped at stage {status.stage!r})" if status.stage and status.stage != "finished" else ""
+    return text + f" The full build is not running{stopped}: run `make demo` to resume it; log: {log_path(status.db)}."
+
+
+def current_phase(launched: dict) -> dict:
+    """The chain's build that runs (or ran last): the one after the last phase whose database exists
+    (the first when none does; the last when it does); {} when the record lists no phases (a lone
+    full build). A later database wins: the chain deletes the partial database once the full one lands."""
+    phases = launched.get("phases") or []
+    if not phases:
+        return {}
+    done = [i for i, p in enumerate(phases) if p.get("db") and Path(p["db"]).exists()]
+    return phases[min(done[-1] + 1, len(phases) - 1)] if done else phases[0]
 
 
 def format_duration(s: float) -> str:
@@ -201,7 +283,9 @@ def read_status(db: Path, tail: int = 5) -> BuildStatus | None:
     launched = read_json(record_path(db))
     if not launched:
         return None
-    progress = read_json(Path(launched.get("work_dir", "")) / PROGRESS_FILE) if launched.get("work_dir") else {}
+    phase = current_phase(launched)
+    work_dir = phase.get("work_dir") or launched.get("work_dir")
+    progress = read_json(Path(work_dir) / PROGRESS_FILE) if work_dir else {}
     lines: list[str] = []
     try:
         with open(log_path(db), "rb") as fh:
@@ -210,4 +294,4 @@ def read_status(db: Path, tail: int = 5) -> BuildStatus | None:
             lines = fh.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()[-tail:]
     except OSError:
         pass
-    return BuildStatus(db=db, running=is_locked(db), launched=launched, progress=progress, log_tail=lines)
+    return BuildStatus(db=db, running=is_locked(db), launched=launched, progress=progress, log_tail=lines, phase=phase)

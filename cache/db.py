@@ -200,6 +200,33 @@ class NeuronDB:
         value = self.meta.get("engine_model", self.meta["model_id"])
         return value or None
 
+    @property
+    def partial(self) -> bool:
+        """Whether this is a quick partial database (meta ``partial``; :mod:`precompute.quick`), built
+        from a slice of the corpus with some layers described, while the full one is built."""
+        return self.meta.get("partial") == "true"
+
+    @property
+    def described_layers(self) -> list[int] | None:
+        """The layers with descriptions (meta ``described_layers``); None when all are (or unknown)."""
+        try:
+            layers = json.loads(self.meta.get("described_layers") or "null")
+            return None if layers is None else sorted(int(x) for x in layers)
+        except (ValueError, TypeError):
+            return None
+
+    def undescribed_note(self, layer: int) -> str | None:
+        """One line when ``layer`` has no descriptions in this database, else None."""
+        described = self.described_layers
+        if described is None or int(layer) in described:
+            return None
+        covered = ", ".join(map(str, described)) or "none"
+        if self.partial:
+            return (f"Layer {int(layer)} is not in this partial database (it describes layers {covered}, from "
+                    f"{self.meta.get('n_sequences', '?')} sequences): its descriptions come with the full database, "
+                    "which the background build is writing.")
+        return f"Layer {int(layer)} is not described in this database (described layers: {covered})."
+
     def counts(self) -> dict[str, int]:
         """Rows per table (a version-1 file has no scores table and leaves it out)."""
         with self.cursor() as cur:

@@ -3,6 +3,10 @@
 ``db_path("embedded")`` is ``data/smollm2-135m-instruct.duckdb`` (``MONITOR_DATA_DIR``
 moves ``data/``; :func:`engine.loader.data_dir`). A build writes ``<db>.duckdb.tmp`` first and renames it when done.
 
+``make demo`` builds a quick partial database first (``x.partial.duckdb`` next to ``x.duckdb``;
+see :mod:`precompute.quick`): :func:`resolve_db_path` opens the full file when it exists, else
+that partial one.
+
 ``engine.loader`` imports torch, so it is imported inside the functions that need it.
 """
 
@@ -23,6 +27,23 @@ def db_path(model: str = EMBEDDED_NAME) -> Path:
 def tmp_path(path: Path) -> Path:
     """The file a build writes before renaming it to ``path``: ``x.duckdb`` → ``x.duckdb.tmp``."""
     return Path(path).with_suffix(".duckdb.tmp")
+
+
+def partial_path(path: Path) -> Path:
+    """The quick partial database built before ``path``: ``x.duckdb`` → ``x.partial.duckdb``."""
+    path = Path(path)
+    stem = path.name[: -len(".duckdb")] if path.name.endswith(".duckdb") else path.name
+    return path.with_name(f"{stem}.partial.duckdb")
+
+
+def resolve_db_path(path: Path) -> Path:
+    """The database to open for ``path``: ``path`` itself when it exists, else its quick partial
+    database (:func:`partial_path`) when that exists, else ``path`` (whose absence the opener reports)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    partial = partial_path(path)
+    return partial if partial.is_file() else path
 
 
 def model_for_slug(slug: str, model_id: str | None = None) -> str:

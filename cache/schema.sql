@@ -23,6 +23,9 @@
 --   live_note      says why, in one sentence
 --   import_command the command that (re)imports it
 -- Optional: scorers (JSON list of {name, version, description}), the scorers of the scores table.
+-- A build also stores described_layers (JSON list) and partial ('true' for the quick partial database
+-- that `make demo` writes before the full one, precompute/quick.py; 'false' otherwise): a partial
+-- database covers n_sequences sequences and describes only described_layers.
 CREATE TABLE IF NOT EXISTS meta (
     key   VARCHAR PRIMARY KEY,
     value VARCHAR NOT NULL

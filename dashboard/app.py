@@ -76,11 +76,11 @@ def main() -> None:
 
     cfg = get_config()
     with st.sidebar:
-        st.caption(f"Model `{cfg.model}` · database `{cfg.db_path.name}`")
+        st.caption(f"Model `{cfg.model}` · database `{cfg.db_path.name}`" + (" (partial)" if cfg.partial else ""))
         if cfg.hosted:
             st.caption("Hosted demo: messages up to 1,000 characters, replies up to 64 tokens, experiments of about "
                        "a minute. Run it on your own machine for more (see the README).")
-    watch(cfg.db_path)
+    watch(cfg.target, cfg.db_path)  # the build's progress; the partial database's banner; each database when it lands
     page.run()
 
 

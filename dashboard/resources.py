@@ -35,15 +35,30 @@ DEFAULT_MAX_MESSAGE_CHARS = 4000
 @dataclass(frozen=True)
 class Config:
     model: str
-    db_path: Path
+    db_path: Path  # the database opened: the full one, or its quick partial one while the full one is missing
     max_message_chars: int
     problems: tuple[str, ...] = ()  # settings that were ignored, as sentences for st.warning
     hosted: bool = False  # MONITOR_HOSTED=1: the public-demo limits of dashboard/hosted.py
     max_new_tokens: int = 512  # the most tokens one reply or steering effect generates
+    full_db_path: Path | None = None  # MONITOR_DB or the model's default database (None: db_path)
+
+    @property
+    def target(self) -> Path:
+        """The full database: the file a background build writes, which pages switch to when it lands."""
+        return self.full_db_path or self.db_path
+
+    @property
+    def partial(self) -> bool:
+        """Whether pages show the quick partial database because the full one is still missing."""
+        return self.db_path != self.target
 
 
 def get_config() -> Config:
-    """Read ``MONITOR_MODEL``, ``MONITOR_DB``, ``MONITOR_MAX_MESSAGE_CHARS`` and ``MONITOR_HOSTED`` (cheap; every run)."""
+    """Read ``MONITOR_MODEL``, ``MONITOR_DB``, ``MONITOR_MAX_MESSAGE_CHARS`` and ``MONITOR_HOSTED`` (cheap; every run).
+
+    The database is ``MONITOR_DB`` or the model's default file when it exists, else its quick partial
+    database ``<db>.partial.duckdb`` when that exists (:func:`cache.paths.resolve_db_path`); being
+    read on every run, the choice follows the files: no restart when either lands."""
     problems: list[str] = []
     model = os.environ.get("MONITOR_MODEL", "").strip() or DEFAULT_MODEL
     db = os.environ.get("MONITOR_DB", "").strip()
@@ -69,8 +84,10 @@ def get_config() -> Config:
     is_hosted = hosted_mode.hosted()
     if is_hosted:
         max_chars = min(max_chars, hosted_mode.MAX_MESSAGE_CHARS)
-    return Config(model=model, db_path=db_path, max_message_chars=max_chars, problems=tuple(problems),
-                  hosted=is_hosted, max_new_tokens=hosted_mode.max_new_tokens(is_hosted))
+    from cache.paths import resolve_db_path
+
+    return Config(model=model, db_path=resolve_db_path(db_path), max_message_chars=max_chars, problems=tuple(problems),
+                  hosted=is_hosted, max_new_tokens=hosted_mode.max_new_tokens(is_hosted), full_db_path=db_path)
 
 
 def build_command(model: str) -> str:
@@ -150,7 +167,7 @@ def get_db(cfg: Config | None = None) -> DBResource:
     except MonitorError as err:
         from cache.build_status import read_status
 
-        status = read_status(path)
+        status = read_status(cfg.target)
         if status is not None and status.running:
             return DBResource(error=status.sentence(), path=path, building=True)
         return DBResource(error=str(err), path=path)

@@ -181,6 +181,23 @@ def _resolve_source(name: str) -> tuple[str, bool]:
     return name, not online
 
 
+def model_n_layers(name: str = EMBEDDED_NAME) -> int:
+    """The number of decoder layers of ``name`` from its ``config.json`` alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    if not name or not str(name).strip():
+        raise MonitorError("No model given: use --model embedded, a local folder, or a hub id.")
+    source, local_only = _resolve_source(str(name).strip())
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        raise MonitorError(f"Could not read the configuration of model {name!r} ({str(err).strip().splitlines()[0]}).") from err
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise MonitorError(f"Model {name!r} has no num_hidden_layers in its config.json; is it a Llama?")
+    return n
+
+
 _ALLOCATOR_TUNED = False
 
 

@@ -2,7 +2,8 @@
 
     python -m precompute build --model embedded            # every stage, resumable
     python -m precompute status --model embedded           # what is built, what is missing
-    python -m precompute background --model embedded       # start or resume the build in the background
+    python -m precompute background --model embedded       # start or resume the build in the background:
+                                                           # a quick partial database first, then the full one
     accelerate launch -m precompute activations --model M  # one shard per process
     python -m precompute activations --shard 1 --num-shards 4
     python -m precompute merge --model M                   # merge shards, finish the database
@@ -25,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from engine.errors import MonitorError, at_least, run_command  # noqa: E402
 
-from .pipeline import STAGES, Build, BuildConfig  # noqa: E402
+from .pipeline import STAGES, Build, BuildConfig, parse_layers  # noqa: E402
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,23 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--llm-timeout", type=float, default=None, help="seconds per request (default 60)")
 
 
+def _partial_args(p: argparse.ArgumentParser, launcher: bool) -> None:
+    """The quick partial database's options (precompute/quick.py), for ``background`` and ``build``."""
+    from .quick import QUICK_LAYER_STEP, QUICK_N_SEQUENCES
+
+    g = p.add_argument_group("quick partial database first (precompute/quick.py)")
+    if launcher:
+        g.add_argument("--no-partial", action="store_true", help="build the full database alone, no partial one first")
+    else:
+        g.add_argument("--partial-first", action="store_true",
+                       help="first build the quick partial database <db>.partial.duckdb (unless it or the full "
+                            "database exists), then this one; `background` passes it")
+    g.add_argument("--partial-n-sequences", type=int, default=QUICK_N_SEQUENCES,
+                   help=f"sequences of the partial database (default {QUICK_N_SEQUENCES})")
+    g.add_argument("--partial-layer-step", type=int, default=QUICK_LAYER_STEP,
+                   help=f"the partial database describes every n-th of the build's layers (default {QUICK_LAYER_STEP})")
+
+
 def _config(args) -> BuildConfig:
     from .llm import resolve_config
 
@@ -85,8 +103,18 @@ def cmd_build(args) -> int:
         print(f"explainer: {cfg.llm.explainer_id} at {cfg.llm.base_url} (cache {build.root / 'llm-cache.sqlite'})", flush=True)
     if args.fresh and build.root.exists():
         shutil.rmtree(build.root)
+    at_least(args.partial_n_sequences, 1, "--partial-n-sequences")
+    at_least(args.partial_layer_step, 1, "--partial-layer-step")
     t0 = time.time()
-    path = build.run(until=args.until)
+    if args.partial_first:
+        from .quick import build_partial_then_full, partial_root
+
+        if args.fresh:
+            shutil.rmtree(partial_root(cfg.root), ignore_errors=True)
+        path = build_partial_then_full(cfg, progress=not args.quiet, n_sequences=args.partial_n_sequences,
+                                       layer_step=args.partial_layer_step, until=args.until)
+    else:
+        path = build.run(until=args.until)
     if path:
         print(f"Built {path} in {time.time() - t0:.0f} s.")
     return 0
@@ -96,9 +124,24 @@ def cmd_background(args) -> int:
     from .background import start
 
     cfg = _config(args)
+    argv = [a for a in args.build_argv if a != "--no-partial"]
+    partial = None
     if not cfg.db_path.exists():  # a finished database needs no build, whatever its folder holds
         Build(cfg, progress=False).check_config()  # conflicting settings fail here, not in the log
-    launch = start(args.build_argv, cfg.db_path, cfg.root, cfg.model)
+        at_least(args.partial_n_sequences, 1, "--partial-n-sequences")
+        at_least(args.partial_layer_step, 1, "--partial-layer-step")
+        if not args.no_partial:
+            from engine.loader import model_n_layers
+
+            from .quick import quick_config
+
+            n_layers = model_n_layers(cfg.model)
+            quick = quick_config(cfg, n_layers, args.partial_n_sequences, args.partial_layer_step)
+            if quick is not None:
+                argv.append("--partial-first")
+                partial = {"db": quick.db, "work_dir": quick.work_dir, "n_sequences": quick.n_sequences,
+                           "layers": parse_layers(quick.layers, n_layers)}
+    launch = start(argv, cfg.db_path, cfg.root, cfg.model, partial=partial)
     print(launch.sentence(cfg.db_path))
     return 0
 
@@ -111,6 +154,12 @@ def cmd_status(args) -> int:
     bg = read_status(build.cfg.db_path)
     if bg is not None:
         print(f"background build: {bg.sentence()}")
+        if bg.chained:
+            from cache.paths import partial_path
+
+            quick = partial_path(build.cfg.db_path)
+            print(f"partial database (built first, opened until the full one lands): {quick} "
+                  f"({'present' if quick.exists() else 'missing'})")
     for row in build.status():
         mark = "done   " if row["done"] else "missing"
         extra = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("stage", "done"))
@@ -169,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(b)
     b.add_argument("--fresh", action="store_true", help="delete the build folder first")
     b.add_argument("--until", default="write", choices=STAGES, help="stop after this stage")
+    _partial_args(b, launcher=False)
     b.set_defaults(func=cmd_build)
-    g = sub.add_parser("background", help="start or resume the build as a background process (one at a time)")
+    g = sub.add_parser("background", help="start or resume the build as a background process (one at a time): "
+                                          "a quick partial database first, then the full one")
     _config_args(g)
+    _partial_args(g, launcher=True)
     g.set_defaults(func=cmd_background)
     s = sub.add_parser("status", help="what is built and what is missing")
     _config_args(s)

@@ -71,11 +71,12 @@ class BuildConfig:
     work_dir: str | None = None
     db: str | None = None
     llm: LLMConfig | None = None  # explain and score with an OpenAI-compatible endpoint (precompute.llm)
+    partial: bool = False  # the quick partial database built before the full one (precompute.quick); meta says so
 
     def identity(self) -> dict:
         """The settings that change the result (a rebuild with others needs --fresh)."""
         d = asdict(self)
-        for key in ("checkpoint_every", "embed_chunk", "work_dir", "db"):
+        for key in ("checkpoint_every", "embed_chunk", "work_dir", "db", "partial"):
             d.pop(key)
         if self.llm is None:
             d.pop("llm")  # offline builds keep their identity (and config.json) unchanged
@@ -99,6 +100,23 @@ class BuildConfig:
         return Path(self.db) if self.db else data_dir() / f"{self.slug}.duckdb"
 
 
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """The layers a ``--layers`` value ("0,5,10-12") picks of ``n_layers``, sorted; all of them for None."""
+    if not spec:
+        return list(range(n_layers))
+    out = set()
+    try:
+        for part in str(spec).split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise MonitorError(f"--layers {spec!r} is not a list like 0,5,10-12.") from None
+    bad = [x for x in out if not 0 <= x < n_layers]
+    if bad or not out:
+        raise MonitorError(f"--layers must pick layers in 0..{n_layers - 1}.")
+    return sorted(out)
+
+
 def _maybe_die(stage: str, step: int) -> None:
     """Test hook: ``PRECOMPUTE_KILL_AT=stage:step`` SIGKILLs this process at that step."""
     kill_point("PRECOMPUTE_KILL_AT", stage, step)
@@ -115,11 +133,12 @@ def _write_parquet(df: pd.DataFrame | pa.Table, path: Path) -> None:
 class Build:
     """One model's build folder and its stages."""
 
-    def __init__(self, cfg: BuildConfig, progress: bool = True):
+    def __init__(self, cfg: BuildConfig, progress: bool = True, lm=None):
+        """``lm``: an already loaded model to share (the quick partial build reuses the full build's)."""
         self.cfg = cfg
         self.root = cfg.root
         self.progress = progress
-        self._lm = None
+        self._lm = lm
         self._corpus = None
         self.progress_file = ProgressFile(self.root)  # what the dashboard shows while this build runs
 
@@ -185,20 +204,7 @@ class Build:
 
     def layer_list(self) -> list[int]:
         """The layers to describe: ``cfg.layers`` ("0,5,10-12") or all of them."""
-        n = self.lm.n_layers
-        if not self.cfg.layers:
-            return list(range(n))
-        out = set()
-        try:
-            for part in str(self.cfg.layers).split(","):
-                lo, _, hi = part.strip().partition("-")
-                out.update(range(int(lo), int(hi or lo) + 1))
-        except ValueError:
-            raise MonitorError(f"--layers {self.cfg.layers!r} is not a list like 0,5,10-12.") from None
-        bad = [x for x in out if not 0 <= x < n]
-        if bad or not out:
-            raise MonitorError(f"--layers must pick layers in 0..{n - 1}.")
-        return sorted(out)
+        return parse_layers(self.cfg.layers, self.lm.n_layers)
 
     # -- status ------------------------------------------------------------------------
     def complete_shard_sets(self) -> list[int]:
@@ -562,6 +568,7 @@ class Build:
                 "embedding_dim": str(vecs.shape[1]),
                 "exemplars_k": str(col.k),
                 "described_layers": json.dumps(self.layer_list()),
+                "partial": "true" if cfg.partial else "false",  # a quick partial database (precompute.quick)
                 "build_config": json.dumps(cfg.identity()),
                 "versions": json.dumps(_versions()),
             })

@@ -21,8 +21,9 @@ APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 
 
 def _args(model: Path, root: Path) -> list[str]:
+    # the full build alone: the quick partial database built first is tests/test_background_partial.py's
     return ["--model", str(model), "--profile", "tiny", "--n-sequences", "48", "--batch-size", "8",
-            "--work-dir", str(root / "build"), "--db", str(root / "neurons.duckdb"), "--quiet"]
+            "--work-dir", str(root / "build"), "--db", str(root / "neurons.duckdb"), "--quiet", "--no-partial"]
 
 
 def _background(args, capsys) -> str:

@@ -32,7 +32,8 @@ else:
     st.caption(f"Loaded from `{lm.source}`" + (f" in {res.model.load_s:.1f} s" if res.model.load_s else "") + ".")
 
 st.subheader("Neuron database")
-st.caption(f"MONITOR_DB = `{cfg.db_path}`")
+st.caption(f"MONITOR_DB = `{cfg.db_path}`" + (f" (the quick partial database, until the full `{cfg.target}` lands)"
+                                               if cfg.partial else ""))
 db = res.dbr.db
 if db is None:
     st.error(res.dbr.error)

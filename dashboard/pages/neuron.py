@@ -99,8 +99,8 @@ if info is not None:
     descs = info["descriptions"]
     if not descs:
         covered = ", ".join(str(x) for x in described) if described else "none"
-        st.info(f"Layer {layer} is not described in this database (described layers: {covered}). "
-                "Exemplars, quantiles and output tokens below still come from the database.")
+        note = db.undescribed_note(layer) or f"Layer {layer} is not described in this database (described layers: {covered})."
+        st.info(f"{note} Exemplars, quantiles and output tokens below still come from the database.")
     c_pos, c_neg = st.columns(2, gap="large")
     for col, pol, name in ((c_pos, 1, "Positive polarity (fires high)"), (c_neg, -1, "Negative polarity (fires low)")):
         with col, st.container(border=True):
