@@ -19,6 +19,8 @@ import pytest
 from cache.build_status import is_locked, lock_path, log_path, read_status, record_path
 from cache.paths import partial_path, resolve_db_path
 
+from .test_background import _background, _wait_unlocked  # one launcher helper and one wait for both files
+
 pytestmark = pytest.mark.slow
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
@@ -30,20 +32,6 @@ def _args(model: Path, root: Path) -> list[str]:
     return ["--model", str(model), "--profile", "tiny", "--n-sequences", "48", "--batch-size", "8",
             "--work-dir", str(root / "build"), "--db", str(root / "neurons.duckdb"),
             "--partial-n-sequences", str(PARTIAL_N)]
-
-
-def _background(args, capsys) -> str:
-    from precompute.__main__ import main
-
-    assert main(["background", *args]) == 0
-    return capsys.readouterr().out
-
-
-def _wait_unlocked(db: Path, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while is_locked(db):
-        assert time.time() < deadline, f"the background build of {db} did not end within {timeout} s"
-        time.sleep(0.2)
 
 
 def _meta(path: Path) -> dict:
