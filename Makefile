@@ -3,12 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt | cksum | cut -d' ' -f1)
-MODEL ?= embedded
+MODEL ?= $(or $(MONITOR_MODEL),embedded)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 PORT ?= 8501
+# BUILD_ARGS: extra options for the background build of `make demo` (python -m precompute build --help),
+# e.g. BUILD_ARGS="--profile full"
+BUILD_ARGS ?=
 
 .PHONY: setup browser postgres test demo trace build clean-data bench
 
@@ -48,8 +51,8 @@ build: setup
 ## (a quick partial database first, then the full one), and open the dashboard on http://localhost:$(PORT)
 ## at once (pages pick each database up when it lands)
 demo: setup
-	-$(PY) -m precompute background --model $(MODEL)  # a failed start is reported; the dashboard opens anyway
-	$(PY) -m streamlit run dashboard/app.py --server.port $(PORT)
+	-$(PY) -m precompute background --model $(MODEL) $(BUILD_ARGS)  # a failed start is reported; the dashboard opens anyway
+	MONITOR_MODEL="$(MODEL)" $(PY) -m streamlit run dashboard/app.py --server.port $(PORT)
 
 ## bench: every benchmark, JSON on stdout
 bench: setup
