@@ -8,8 +8,10 @@
     python -m cache import neuronpedia <folder> | python -m cache import openai <folder>
     python -m cache bundle --out demo.duckdb [--exemplars 5]   # a compact read-only copy for hosting
 
-Every command takes ``--model embedded`` (default) or ``--db PATH``. A problem the user
-can fix prints one line on stderr and exits 2.
+Every command takes ``--model embedded`` (default) or ``--db PATH``. With ``--model`` and the
+model's database still being built, the quick partial database is opened instead, with a note on
+stderr (as the dashboard does, :func:`cache.paths.resolve_db_path`). A problem the user can fix
+prints one line on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -82,6 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(run, args)
 
 
+def database_path(args: argparse.Namespace):
+    """``--db``, else the model's database, else (while that is missing) its quick partial one."""
+    from pathlib import Path
+
+    from .paths import db_path, resolve_db_path
+
+    if args.db:
+        return Path(args.db)
+    full = db_path(args.model)
+    path = resolve_db_path(full)
+    if path != full:
+        print(f"note: {full.name} is not built yet; using the quick partial database {path.name} "
+              "(`python -m precompute status` says how far the full build is).", file=sys.stderr)
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     from .db import open_database
 
@@ -91,14 +109,13 @@ def run(args: argparse.Namespace) -> int:
         return run_import(args)
     if args.command == "bundle":
         from .bundle import write_bundle
-        from .paths import db_path
 
-        report = write_bundle(args.db or db_path(args.model), args.out, args.exemplars, args.min_overlap)
+        report = write_bundle(database_path(args), args.out, args.exemplars, args.min_overlap)
         print(json.dumps(report) if args.json else
               f"Wrote {report['path']} ({report['bundle_mb']} MB from {report['source_mb']} MB; top-20 search "
               f"overlap with the source: mean {report['overlap_mean']:.2f}, min {report['overlap_min']:.2f}).")
         return 0
-    with open_database(args.db, model=args.model) as db:
+    with open_database(database_path(args)) as db:
         if args.command == "info":
             info = {"path": str(db.path), "meta": db.meta, "counts": db.counts()}
             _print(info, args.json, _format_info)

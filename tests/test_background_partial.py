@@ -96,6 +96,18 @@ def test_partial_database_says_so_and_the_resolver_prefers_the_full_one(tiny_lla
     assert r.db.undescribed_note(0) is None
     note = r.db.undescribed_note(2)
     assert "Layer 2 is not in this partial database" in note and "layers 0" in note and "\n" not in note
+    # the CLI by model name, its full database missing: the partial one, with a note
+    monkeypatch.setenv("MONITOR_DATA_DIR", str(tmp_path / "data"))
+    from cache.paths import db_path
+
+    by_model = db_path(str(tiny_llama_dir))
+    by_model.parent.mkdir()
+    shutil.copy(quick.db_path, partial_path(by_model))
+    capsys.readouterr()
+    assert cache_main(["info", "--model", str(tiny_llama_dir), "--json"]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["path"] == str(partial_path(by_model))
+    assert got.err.startswith(f"note: {by_model.name} is not built yet; using the quick partial database")
     assert cache_main(["neuron", "2", "5", "--db", str(quick.db_path)]) == 0  # a layer it lacks: a note, no traceback
     out = capsys.readouterr().out
     assert "note: Layer 2 is not in this partial database" in out
