@@ -37,9 +37,9 @@ With ``--hosting`` it measures the hosting figures of issue 10 instead (each aga
 * ``app_rss_mb_3_sessions``: a fresh process serving three AppTest sessions (one turn each, the
   model and the bundle shared as under ``streamlit run``, ``MONITOR_HOSTED=1``): its peak resident
   memory (``VmHWM``; ``_now``: ``VmRSS`` at the end), with ``app_rss_mb_idle`` after the imports as the baseline.
-* ``clone_to_first_trace_s``, ``clone_to_descriptions_s`` and ``build_peak_rss_mb`` are printed
-  as null with the reason: they need a fresh clone with ``make setup`` and a full build
-  (``/usr/bin/time -v python -m precompute build``), too long and too large for this benchmark's run.
+* ``clone_to_first_trace_s``, ``clone_to_descriptions_s`` and ``build_peak_rss_mb`` are measured by
+  ``python -m benchmarks.clone`` (a fresh clone's ``make demo`` in a real browser, with the full
+  background build), too long for this run: printed here as null with that pointer.
 """
 
 
@@ -262,7 +262,7 @@ def hosting(db: str | None) -> dict:
         out.update(_fresh("--_first-trace", {"MONITOR_DB": str(Path(tmp) / "missing.duckdb")}))
         out.update(_fresh("--_three-sessions", {"MONITOR_DB": str(bundle), "MONITOR_HOSTED": "1"}))
     out.update({"clone_to_first_trace_s": None, "clone_to_descriptions_s": None, "build_peak_rss_mb": None,
-                "not_measured": "needs a fresh clone with make setup and a full default build under /usr/bin/time -v"})
+                "not_measured": "python -m benchmarks.clone measures these: a fresh clone's make demo and its build"})
     out["goals"] = {"bundle_mb": 100, "first_trace_s": 180, "app_rss_mb_3_sessions": 1500, "build_peak_rss_mb": 2500}
     out["load_avg_1m_end"] = os.getloadavg()[0]
     return out
