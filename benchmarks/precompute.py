@@ -200,8 +200,9 @@ def embed_rates(db_path: Path, n: int = 1500) -> dict:
     return out
 
 
-def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, seed: int = 0) -> dict:
-    """The new and old offline explainers on one build's exemplars, scored alike (held out)."""
+def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, seed: int = 0, show: int = 0) -> dict:
+    """The new and old offline explainers on one build's exemplars, scored alike (held out);
+    ``show`` > 0 adds that many keys drawn at random (seeded) with both descriptions and every score."""
     from cache.embedder import embed
     from engine.loader import load_model
     from precompute.collect import Collector
@@ -246,6 +247,7 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
         held.append(view.heldout(layer, neuron, pol))
     out = {"sample": len(keys), "held_out": "test top exemplars + held-out random windows, sink excluded",
            "describe_ms_per_key_cpu": {"new": round(1e3 * t_new / len(keys), 2), "old": round(1e3 * t_old / len(keys), 2)}}
+    per_key: dict = {}
     for name, pairs in texts.items():
         s = np.array([np.nan if v is None else v for v in
                       (sim.score(t, k[2], h) for (t, _), k, h in zip(pairs, keys, held))])
@@ -256,6 +258,16 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
                      "sim_null_share": round(float(np.isnan(s).mean()), 4),
                      "auc_mean": round(float(np.nanmean(auc)), 4), "auc_median": round(float(np.nanmedian(auc)), 4),
                      "summary_words_mean": round(float(np.mean([len(x.split()) for _, x in pairs])), 2)}
+        per_key[name] = (s, auc)
+    if show:
+        pick = np.random.default_rng(seed + 1).choice(len(keys), size=min(show, len(keys)), replace=False)
+        out["examples"] = [
+            {"layer": keys[i][0], "neuron": keys[i][1], "polarity": keys[i][2],
+             **{name: {"description": texts[name][i][0], "summary": texts[name][i][1],
+                       "sim": None if np.isnan(per_key[name][0][i]) else round(float(per_key[name][0][i]), 3),
+                       "embedding_auc": None if np.isnan(per_key[name][1][i]) else round(float(per_key[name][1][i]), 3)}
+                for name in ("old", "new")}}
+            for i in sorted(pick)]
     for key in ("sim_mean", "sim_median", "sim_mean_null_as_0", "auc_mean", "auc_median"):
         out[f"{key}_ratio_new_vs_old"] = round(out["new"][key] / out["old"][key], 3) if out["old"][key] else None
     return out
@@ -296,6 +308,8 @@ def main() -> None:
     p.add_argument("--skip-collect", action="store_true", help="leave out the collection pass (minutes)")
     p.add_argument("--build-dir", default=None, help="build folder to read markers and exemplars from")
     p.add_argument("--sample", type=int, default=2000, help="(neuron, polarity) keys for the explainer comparison")
+    p.add_argument("--show", type=int, default=0,
+                   help="also print this many keys drawn at random (seeded) with both explainers' descriptions and scores")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     from cache.paths import db_path
@@ -314,7 +328,7 @@ def main() -> None:
     if wall:
         out.update(wall)
     if (root / "merged.parquet").exists():
-        out["explainers"] = explainers(root, args.model, args.sample)
+        out["explainers"] = explainers(root, args.model, args.sample, show=args.show)
     if not args.skip_458k:
         from benchmarks.search import bench_search
 
