@@ -139,7 +139,7 @@ def suite_forward_tokens(lm, report: dict, batch_size: int) -> int:
     and the mass measurement's prompts are left out (small). Divided by the bare forward's
     tokens per second it gives the suite's compute floor on this machine."""
     from engine.replication import RESULTS_KEY
-    from engine.scoring import prepare
+    from engine.scoring import item_batches, prepare
 
     total = 0
     for res in report[RESULTS_KEY]["cells"]:
@@ -148,8 +148,8 @@ def suite_forward_tokens(lm, report: dict, batch_size: int) -> int:
         per_condition = 0
         for members in prep.groups.values():
             per_condition += prep.common
-            for start in range(0, len(members), min(len(members), batch_size)):
-                rows = [prep.rows[i] for i in members[start:start + min(len(members), batch_size)]]
+            for idx in item_batches(members, batch_size):
+                rows = [prep.rows[i] for i in idx]
                 longest = max(len(c) for r in rows for c in r.cands)
                 per_condition += sum(len(r.ids) - prep.common + len(r.cands) * longest for r in rows)
         total += per_condition * n_cond

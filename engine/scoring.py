@@ -289,8 +289,7 @@ def score(lm, prep: Prepared, interventions=None, quantiles=None, greedy: bool =
     prompt and ``+generated`` ranges the stem, the candidates and the reply, exactly as
     :func:`engine.generate.sequence_logprob` and :func:`engine.generate.generate` do.
     """
-    return score_many(lm, prep, [interventions], quantiles, greedy, max_new_tokens, batch_size,
-                      None if progress is None else (lambda k: progress(k)))[0]
+    return score_many(lm, prep, [interventions], quantiles, greedy, max_new_tokens, batch_size, progress)[0]
 
 
 def score_many(lm, prep: Prepared, conditions: Sequence, quantiles=None, greedy: bool = True,
@@ -319,8 +318,8 @@ def score_many(lm, prep: Prepared, conditions: Sequence, quantiles=None, greedy:
     verdicts = [["other"] * n for _ in range(C)]
     common = prep.common
     for key, members in prep.groups.items():
-        per_batch = min(len(members), batch_size)
-        chunk = max(1, batch_size // per_batch)  # conditions sharing a forward
+        batches = item_batches(members, batch_size)
+        chunk = max(1, batch_size // len(batches[0]))  # conditions sharing a forward
         for c0 in range(0, C, chunk):
             cids = list(range(c0, min(C, c0 + chunk)))
             compiled = StackedInterventions([
@@ -337,8 +336,8 @@ def score_many(lm, prep: Prepared, conditions: Sequence, quantiles=None, greedy:
                     head_ids = torch.tensor([prep.rows[members[0]].ids[:common]] * S, dtype=torch.long,
                                             device=lm.device)
                     lm.model(input_ids=head_ids, cache=head, use_cache=True, logits_to_keep=1)
-                for start in range(0, len(members), per_batch):
-                    batch = [prep.rows[i] for i in members[start:start + per_batch]]
+                for idx in batches:
+                    batch = [prep.rows[i] for i in idx]
                     res = _score_batch(lm, hooks, head, common, batch, prep, greedy, max_new_tokens, S)
                     for j, c in enumerate(cids):
                         for name in METRICS:
@@ -350,6 +349,13 @@ def score_many(lm, prep: Prepared, conditions: Sequence, quantiles=None, greedy:
     seconds = (time.perf_counter() - t0) / max(C, 1)
     return [Scores(o["complete"], o["first_diff"], o["token_sum"], r, v, seconds)
             for o, r, v in zip(out, replies, verdicts)]
+
+
+def item_batches(members: list[int], batch_size: int) -> list[list[int]]:
+    """A group's items (row indices) in the batches :func:`score_many` runs them in: at most
+    ``batch_size`` items each, in order (the benchmark counts the suite's tokens by the same rule)."""
+    per_batch = max(1, min(len(members), batch_size))
+    return [members[start:start + per_batch] for start in range(0, len(members), per_batch)]
 
 
 def _score_batch(lm, hooks, head, common: int, batch: list[_Row], prep: Prepared, greedy: bool,
