@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PROMPT = "Which is bigger: 9.8 or 9.11?"
+SETUP_S = 1800  # make setup from an empty .venv, then the server
 GOALS = {"clone_to_first_trace_s": 180, "clone_to_descriptions_s": 300, "build_peak_rss_mb": 2500}
 
 
@@ -63,7 +64,8 @@ def run(until: str, port: int | None, keep: bool) -> dict:
     from playwright.sync_api import sync_playwright
 
     from cache.build_status import is_locked
-    from tests.test_e2e_dashboard import CHROMIUM, CHROMIUM_ARGS, _free_port, _open_chat, _send, _wait_for_trace
+    from tests.test_e2e_dashboard import (CHROMIUM, CHROMIUM_ARGS, _free_port, _open_chat, _send, _wait_for_trace,
+                                          wait_for_health)
 
     out: dict = {"benchmark": "clone", "host": platform.node(), "cpus": os.cpu_count(),
                  "load_avg_1m": round(os.getloadavg()[0], 2), "until": until}
@@ -91,19 +93,7 @@ def run(until: str, port: int | None, keep: bool) -> dict:
             peak = max(peak, _vm_hwm_mb(build_pid) or 0.0)
 
     try:
-        import urllib.request
-
-        while True:  # make setup, then the server
-            if proc.poll() is not None:
-                raise SystemExit(f"make demo exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            poll_peak()
-            time.sleep(0.5)
+        wait_for_health(url, proc, log, timeout=SETUP_S, tick=poll_peak)  # make setup, then the server
         out["setup_s"] = round(time.perf_counter() - t0, 1)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

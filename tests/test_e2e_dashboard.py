@@ -47,6 +47,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_health(url: str, proc: subprocess.Popen, log: Path, timeout: float = STARTUP_S, tick=None) -> None:
+    """Poll the server at ``url`` until it answers; ``proc`` (its process, or ``make demo``'s) exiting
+    or ``timeout`` passing fails with the tail of ``log``. ``tick`` is called between polls."""
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server's process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"the server did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+        if tick is not None:
+            tick()
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def streamlit_server(env_overrides: dict, log_dir: Path):
     """The real Streamlit server on a free port with ``env_overrides``; yields its URL."""
@@ -65,19 +85,7 @@ def streamlit_server(env_overrides: dict, log_dir: Path):
             cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"streamlit did not answer within {STARTUP_S} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_for_health(url, proc, log)
         yield url
     finally:
         proc.terminate()

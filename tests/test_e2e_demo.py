@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e_dashboard import OUT, STARTUP_S, _free_port, _open_chat, _send, _wait_for_trace, browser  # noqa: F401
+from tests.test_e2e_dashboard import (OUT, _free_port, _open_chat, _send, _wait_for_trace, browser,  # noqa: F401
+                                      wait_for_health)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_ARGS = "--profile tiny --n-sequences 48 --batch-size 8 --partial-n-sequences 24 --quiet"
@@ -53,22 +54,6 @@ def _clean_checkout(dest: Path) -> Path:
     return dest
 
 
-def _wait_health(url: str, proc: subprocess.Popen, log: Path) -> None:
-    import urllib.request
-
-    deadline = time.time() + STARTUP_S
-    while True:
-        assert proc.poll() is None, f"make demo exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    return
-        except OSError:
-            pass
-        assert time.time() < deadline, f"the dashboard did not answer within {STARTUP_S} s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-
-
 def test_make_demo_from_a_clean_checkout_traces_before_the_build_and_shows_descriptions_after(
         tiny_llama_dir, tmp_path, browser):  # noqa: F811
     from cache.build_status import is_locked, read_status
@@ -88,7 +73,7 @@ def test_make_demo_from_a_clean_checkout_traces_before_the_build_and_shows_descr
     with open(log, "wb") as fh:
         proc = subprocess.Popen(make, cwd=clone, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_health(url, proc, log)
+        wait_for_health(url, proc, log)
         assert "Started the database build in the background" in log.read_text()
         assert is_locked(db), "make demo started no background build"
 
@@ -99,7 +84,7 @@ def test_make_demo_from_a_clean_checkout_traces_before_the_build_and_shows_descr
             proc2 = subprocess.Popen([*make[:-2], f"PORT={port2}", make[-1]], cwd=clone, env=env, stdout=fh,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait_health(f"http://127.0.0.1:{port2}", proc2, log2)
+            wait_for_health(f"http://127.0.0.1:{port2}", proc2, log2)
         finally:
             os.killpg(proc2.pid, signal.SIGTERM)
             proc2.wait(timeout=30)
