@@ -122,6 +122,28 @@ def _maybe_die(stage: str, step: int) -> None:
     kill_point("PRECOMPUTE_KILL_AT", stage, step)
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (``VmHWM``) so the next :func:`peak_rss_mb`
+    is the peak since now; False where the kernel does not allow it (the peak then covers the
+    whole process)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set size in MB (``VmHWM`` from /proc; None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def _write_parquet(df: pd.DataFrame | pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -141,6 +163,7 @@ class Build:
         self._lm = lm
         self._corpus = None
         self.progress_file = ProgressFile(self.root)  # what the dashboard shows while this build runs
+        self._peak_reset = False  # whether run() reset the peak RSS when the current stage began
 
     # -- shared inputs -----------------------------------------------------------------
     @property
@@ -225,9 +248,13 @@ class Build:
         return (self.root / f"{stage}.done").exists()
 
     def mark(self, stage: str, info: dict | None = None) -> None:
-        """Write ``stage``'s marker atomically, with the time and ``info``."""
+        """Write ``stage``'s marker atomically, with the time, ``info`` and the peak RSS:
+        ``peak_rss_mb`` when :meth:`run` reset it as the stage began (the stage's own peak, in
+        this process), else ``process_peak_rss_mb`` (the process's peak so far)."""
+        peak = peak_rss_mb()
+        rss = {} if peak is None else {"peak_rss_mb" if self._peak_reset else "process_peak_rss_mb": peak}
         write_json(self.root / f"{stage}.done",
-                   {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})})
+                   {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {}), **rss})
 
     def stage_info(self, stage: str) -> dict:
         """What a finished stage recorded in its marker (e.g. the explainer or scorer id); {} if none."""
@@ -642,13 +669,15 @@ class Build:
             if self.done(stage):
                 continue
             t0 = time.time()
+            self._peak_reset = reset_peak_rss()
             self.progress_file.stage(stage, i + 1, len(STAGES))
             if stage == "activations":
                 self.run_activations(0, 1)
             else:
                 getattr(self, f"run_{stage}")()
+            self._peak_reset = False
             if self.progress:
-                print(f"  {stage}: done in {time.time() - t0:.1f} s", flush=True)
+                print(f"  {stage}: done in {time.time() - t0:.1f} s, peak RSS {peak_rss_mb()} MB", flush=True)
         self.progress_file.finished()
         return self.cfg.db_path if until == "write" else None
 
