@@ -67,7 +67,7 @@ def _top_rows(vals: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
 
 class Collector:
     def __init__(self, n_features: int, seq_len: int, k: int, m: int, random_ids, skip_prefix: int = 1,
-                 device="cpu", pool_limit: int = 4_000_000, allocate: bool = True):
+                 device="cpu", pool_limit: int = 2_000_000, allocate: bool = True):
         """``allocate=False`` leaves the state's large tensors empty (``load`` fills them)."""
         self.k, self.m, self.t, self.f = k, m, seq_len, n_features
         self.skip = skip_prefix
@@ -168,7 +168,7 @@ class Collector:
                 vals.neg_()
             r, c = torch.nonzero(vals > thr[fi][:, None], as_tuple=True)
             self._pool[p][0].append(fi[r])
-            self._pool[p][1].append(vals[r, c])
+            self._pool[p][1].append(vals[r, c].float())  # exact from bf16; ext is float32
             self._pool_size[p] += r.numel()
             if self._pool_size[p] > self.pool_limit:
                 self._compact(p)
@@ -225,19 +225,26 @@ class Collector:
 
         Each layer is transposed into a reused feature-major buffer (feature
         ``f = layer × N + neuron``) and its per-sequence max/min are taken while it is
-        still in cache; reusing the buffer avoids page-faulting a fresh one per batch."""
+        still in cache; reusing the buffer avoids page-faulting a fresh one per batch.
+        The buffer keeps the activations' dtype (bf16 under autocast: half the memory;
+        every comparison and conversion from it is exact, as from a float32 copy), and
+        each entry of ``per_layer`` is set to None once copied, so the caller's tensors
+        are freed before the fold."""
         b, t, n = per_layer[0].shape
-        shape = (b, n * len(per_layer), t)
-        if self._buf is None or self._buf[0].shape != shape:
-            self._buf = (torch.empty(shape, device=self.device), torch.empty(shape[:2], device=self.device),
+        shape, dtype = (b, n * len(per_layer), t), per_layer[0].dtype
+        if self._buf is None or self._buf[0].shape != shape or self._buf[0].dtype != dtype:
+            self._buf = None
+            self._buf = (torch.empty(shape, dtype=dtype, device=self.device), torch.empty(shape[:2], device=self.device),
                          torch.empty(shape[:2], device=self.device))
         acts, mx, mn = self._buf
-        for i, x in enumerate(per_layer):
+        for i in range(len(per_layer)):
+            x = per_layer[i]
             cols = slice(i * n, (i + 1) * n)
             acts[:, cols] = x.transpose(1, 2)
             body = x[:, self.skip :]
             mx[:, cols] = body.amax(dim=1)
             mn[:, cols] = body.amin(dim=1)
+            per_layer[i] = x = body = None
         self._fold(seq_ids, acts, mx, mn.neg_())
 
     def _fold(self, seq_ids: torch.Tensor, acts: torch.Tensor, best_max: torch.Tensor, best_neg_min: torch.Tensor) -> None:

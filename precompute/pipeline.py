@@ -161,6 +161,8 @@ class Build:
         self.root = cfg.root
         self.progress = progress
         self._lm = lm
+        self._owns_lm = lm is None  # a shared model is the caller's to free
+        self._facts = None  # (n_layers, n_neurons, source) read from config.json, while no model is loaded
         self._corpus = None
         self.progress_file = ProgressFile(self.root)  # what the dashboard shows while this build runs
         self._peak_reset = False  # whether run() reset the peak RSS when the current stage began
@@ -174,6 +176,31 @@ class Build:
 
             self._lm = load_model(self.cfg.model)
         return self._lm
+
+    def model_facts(self) -> tuple[int, int, str]:
+        """(layers, neurons per layer, source) of the model: the loaded model's, else read from
+        its config.json alone, so the stages that need only these never load the weights."""
+        if self._lm is not None:
+            return self._lm.n_layers, self._lm.n_neurons, str(self._lm.source)
+        if self._facts is None:
+            from engine.loader import model_config, model_n_layers
+
+            config, source = model_config(self.cfg.model)
+            n = getattr(config, "intermediate_size", None)
+            if not isinstance(n, int):  # not a plain Llama config: ask the model
+                return self.lm.n_layers, self.lm.n_neurons, str(self.lm.source)
+            self._facts = (model_n_layers(self.cfg.model), n, str(source))
+        return self._facts
+
+    def release_model(self) -> None:
+        """Drop the model this build loaded (the stages after the descriptions only need
+        :meth:`model_facts`); a later use of :attr:`lm` loads it again."""
+        if self._owns_lm and self._lm is not None:
+            from engine.loader import trim_heap
+
+            self._facts = self.model_facts()
+            self._lm = None
+            trim_heap()
 
     @property
     def corpus(self):
@@ -227,7 +254,7 @@ class Build:
 
     def layer_list(self) -> list[int]:
         """The layers to describe: ``cfg.layers`` ("0,5,10-12") or all of them."""
-        return parse_layers(self.cfg.layers, self.lm.n_layers)
+        return parse_layers(self.cfg.layers, self.model_facts()[0])
 
     # -- status ------------------------------------------------------------------------
     def complete_shard_sets(self) -> list[int]:
@@ -365,7 +392,7 @@ class Build:
             raise MonitorError("The shards do not cover the whole corpus; re-run the missing shards.")
         merged.save(self.root / "merged.parquet", {"num_shards": p})
         _maybe_die("exemplars", 1)
-        n_layers, n_neurons = self.lm.n_layers, self.lm.n_neurons
+        n_layers, n_neurons, _ = self.model_facts()
         qs = merged.quantiles()
         layer = np.repeat(np.arange(n_layers, dtype=np.int32), n_neurons)
         neuron = np.tile(np.arange(n_neurons, dtype=np.int32), n_layers)
@@ -378,8 +405,9 @@ class Build:
         self.mark("exemplars", {"num_shards": p, "n_tokens": int(merged.state.n_tokens)})
 
     def merged(self) -> Collector:
-        """The exemplars stage's merged collector."""
-        return Collector.load(self.root / "merged.parquet")
+        """The exemplars stage's merged collector, without its token extremes (``state.ext``:
+        the quantiles, already in ``quantiles.parquet``), which no later stage reads."""
+        return Collector.load(self.root / "merged.parquet", ext=False)
 
     def layer_file(self, stage: str, layer: int) -> Path:
         """One layer's output of a per-layer stage (descriptions, scores)."""
@@ -480,7 +508,7 @@ class Build:
         from . import embedding_score
         from .simulate import SCORER_ID, SCORER_VERSION, Simulator
 
-        n = self.lm.n_neurons
+        n = self.model_facts()[1]  # no model load: the scores stage reads no weights
         view = ExemplarView.of_build(self)
         desc = self.descriptions()
         vecs = self.embeddings("chunk")
@@ -550,7 +578,8 @@ class Build:
         from .describe import EXPLAINER_ID
         from .simulate import SCORER_DESCRIPTION, SCORER_ID, SCORER_VERSION
 
-        lm, corpus, cfg = self.lm, self.corpus, self.cfg
+        corpus, cfg = self.corpus, self.cfg
+        n_layers, n, source = self.model_facts()
         desc = self.descriptions()
         scores = self.scores()
         main_id = self.stage_info("scores").get("scorer", SCORER_ID)
@@ -568,7 +597,6 @@ class Build:
                               "description": embedding_score.SCORER_DESCRIPTION}]
         col = self.merged()
         s = col.state
-        n = lm.n_neurons
         steps = ["meta", "neurons", "sequences", "descriptions", "scores", "embeddings", "exemplars", "quantiles", "finish"]
         bar = self._bar(len(steps), "write database")
         w = DatabaseWriter(cfg.db_path, vecs.shape[1])
@@ -577,9 +605,9 @@ class Build:
             w.write_meta({
                 "schema_version": SCHEMA_VERSION,
                 "model_id": cfg.model,
-                "model_source": str(lm.source),
+                "model_source": source,
                 "model_slug": cfg.slug,
-                "n_layers": str(lm.n_layers),
+                "n_layers": str(n_layers),
                 "n_neurons": str(n),
                 "seq_len": str(corpus.seq_len),
                 "n_sequences": str(len(corpus)),
@@ -627,35 +655,39 @@ class Build:
         self.mark("write", {"db": str(path)})
         return path
 
-    def _exemplar_frames(self, s, encode_acts, n: int, features_per_frame: int = 8192):
+    def _exemplar_frames(self, s, encode_acts, n: int, features_per_frame: int = 2048):
+        """The exemplars table's rows, one Arrow table per block of features (top exemplars of
+        both polarities, then the random sequences): per-token codes go in as one flat int8
+        buffer per block, never as a Python object per row."""
         f_total, k, t = s.top_ids.shape[1], s.top_ids.shape[2], s.top_acts.shape[-1]
+
+        def table(feats, per, pol, split, rank, seq_id, max_act, acts, keep=None) -> pa.Table:
+            codes, scale = encode_acts(acts)  # [rows, T] int8, [rows]
+            cols = {"layer": np.repeat(feats // n, per).astype(np.int32), "neuron": np.repeat(feats % n, per).astype(np.int32),
+                    "polarity": np.full(len(feats) * per, pol, np.int8), "split": split, "rank": rank.astype(np.int32),
+                    "seq_id": seq_id.astype(np.int32), "max_act": max_act.astype(np.float32), "scale": scale}
+            if keep is not None:
+                cols = {c: v[keep] for c, v in cols.items()}
+                codes = codes[keep]
+            offsets = np.arange(0, codes.size + 1, t, dtype=np.int32)
+            return pa.table({**cols, "acts": pa.ListArray.from_arrays(offsets, pa.array(codes.reshape(-1)))})
+
         for a in range(0, f_total, features_per_frame):
             b = min(a + features_per_frame, f_total)
             feats = np.arange(a, b)
             parts = []
             for pi, pol in POLARITY_INDEX:
-                ids = s.top_ids[pi, a:b].numpy()  # [f, K]
-                vals = s.top_vals[pi, a:b].numpy() * pol
-                acts = s.top_acts[pi, a:b].float().numpy().reshape(-1, t)  # [f·K, T]
-                codes, scale = encode_acts(acts)
+                ids = s.top_ids[pi, a:b].numpy().reshape(-1)  # [f·K]
+                vals = s.top_vals[pi, a:b].numpy().reshape(-1) * pol
                 ranks = np.tile(np.arange(k), len(feats))
-                ok = ids.reshape(-1) >= 0
-                parts.append(pd.DataFrame({
-                    "layer": np.repeat(feats // n, k), "neuron": np.repeat(feats % n, k), "polarity": pol,
-                    "split": split_of(ranks), "rank": ranks,
-                    "seq_id": ids.reshape(-1), "max_act": vals.reshape(-1), "scale": scale, "acts": list(codes),
-                })[ok & np.isfinite(vals.reshape(-1))])
+                parts.append(table(feats, k, pol, split_of(ranks), ranks, ids, vals,
+                                   s.top_acts[pi, a:b].float().numpy().reshape(-1, t), (ids >= 0) & np.isfinite(vals)))
             r = len(s.random_ids)
             if r:
                 racts = s.random_acts[:, :, a:b].float().numpy().transpose(2, 0, 1).reshape(-1, t)  # [f·R, T]
-                codes, scale = encode_acts(racts)
-                parts.append(pd.DataFrame({
-                    "layer": np.repeat(feats // n, r), "neuron": np.repeat(feats % n, r), "polarity": 0,
-                    "split": "random", "rank": np.tile(np.arange(r), len(feats)),
-                    "seq_id": np.tile(s.random_ids.numpy(), len(feats)), "max_act": racts[:, self.cfg.skip_prefix :].max(1),
-                    "scale": scale, "acts": list(codes),
-                }))
-            yield pd.concat(parts, ignore_index=True)
+                parts.append(table(feats, r, 0, np.full(len(feats) * r, "random"), np.tile(np.arange(r), len(feats)),
+                                   np.tile(s.random_ids.numpy(), len(feats)), racts[:, self.cfg.skip_prefix :].max(1), racts))
+            yield pa.concat_tables(parts)
 
     # -- driver ------------------------------------------------------------------------
     def run(self, until: str = "write") -> Path | None:
@@ -669,6 +701,11 @@ class Build:
             if self.done(stage):
                 continue
             t0 = time.time()
+            if stage in ("embeddings", "scores", "write"):
+                self.release_model()  # only the corpus, activations and descriptions stages run it
+            from engine.loader import trim_heap
+
+            trim_heap()  # the previous stage's freed memory goes back before this stage's peak is measured
             self._peak_reset = reset_peak_rss()
             self.progress_file.stage(stage, i + 1, len(STAGES))
             if stage == "activations":

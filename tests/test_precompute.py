@@ -217,6 +217,17 @@ def test_collector_in_blocks_equals_whole(monkeypatch, tmp_path):
     for got in (run(7), run(7, halves=True), run(10_000, halves=True)):
         for name in names:
             assert torch.equal(getattr(whole.state, name), getattr(got.state, name)), name
+    # bf16 activations (the autocast pass) folded from a bf16 buffer equal their float32 copy folded
+    monkeypatch.setattr(collect, "FEATURE_BLOCK", 7)
+    half, full = (Collector(n_layers * n, t, 5, 25, random_ids=[3, 21, 30], pool_limit=200) for _ in range(2))
+    for i in range(10):
+        x = data[i * b : (i + 1) * b].to(torch.bfloat16)
+        half.update_layers(torch.arange(i * b, (i + 1) * b), list(x.split(n, dim=2)))
+        full.update(torch.arange(i * b, (i + 1) * b), x.float().transpose(1, 2))
+    half.flush()
+    full.flush()
+    for name in names:
+        assert torch.equal(getattr(half.state, name), getattr(full.state, name)), name
     whole.save(tmp_path / "one.parquet")  # small enough for one row group, as every file was before
     monkeypatch.setattr(collect, "IO_BLOCK_BYTES", 1000)  # 2 features, 1 random sequence a block
     whole.save(tmp_path / "blocks.parquet", {"shard": 0})
