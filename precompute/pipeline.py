@@ -185,9 +185,12 @@ class Build:
         if self._facts is None:
             from engine.loader import model_config, model_n_layers
 
-            config, source = model_config(self.cfg.model)
+            try:
+                config, source = model_config(self.cfg.model)
+            except MonitorError:
+                config = source = None  # loading the model says what is wrong (e.g. "Unknown model")
             n = getattr(config, "intermediate_size", None)
-            if not isinstance(n, int):  # not a plain Llama config: ask the model
+            if not isinstance(n, int):  # no readable Llama config: ask the model
                 return self.lm.n_layers, self.lm.n_neurons, str(self.lm.source)
             self._facts = (model_n_layers(self.cfg.model), n, str(source))
         return self._facts
