@@ -181,21 +181,39 @@ def _resolve_source(name: str) -> tuple[str, bool]:
     return name, not online
 
 
-def model_n_layers(name: str = EMBEDDED_NAME) -> int:
-    """The number of decoder layers of ``name`` from its ``config.json`` alone (no weights loaded)."""
+def model_config(name: str = EMBEDDED_NAME):
+    """(``name``'s Hugging Face config, its source path or hub id) from ``config.json`` alone (no weights loaded)."""
     from transformers import AutoConfig
 
     if not name or not str(name).strip():
         raise MonitorError("No model given: use --model embedded, a local folder, or a hub id.")
     source, local_only = _resolve_source(str(name).strip())
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+        return AutoConfig.from_pretrained(source, local_files_only=local_only), source
     except (OSError, ValueError) as err:
         raise MonitorError(f"Could not read the configuration of model {name!r} ({str(err).strip().splitlines()[0]}).") from err
-    n = getattr(config, "num_hidden_layers", None)
+
+
+def model_n_layers(name: str = EMBEDDED_NAME) -> int:
+    """The number of decoder layers of ``name`` from its ``config.json`` alone (no weights loaded)."""
+    n = getattr(model_config(name)[0], "num_hidden_layers", None)
     if not isinstance(n, int) or n < 1:
         raise MonitorError(f"Model {name!r} has no num_hidden_layers in its config.json; is it a Llama?")
     return n
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``): :func:`tune_allocator`
+    keeps up to 2 GiB of freed memory for reuse, which a long build's next stage may not want."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 _ALLOCATOR_TUNED = False

@@ -33,6 +33,8 @@ import torch
 
 QUANTILE_LEVELS = (0.0, 1e-5, 1e-4, 1e-3, 1 - 1e-3, 1 - 1e-4, 1 - 1e-5, 1.0)
 NO_ID = torch.iinfo(torch.long).max  # empty slots sort after every real sequence id
+IO_BLOCK_BYTES = 32 << 20  # Collector.save/load convert about this much state at a time
+FEATURE_BLOCK = 4096  # features a dense step (first batch, sorting, merging) handles at a time
 
 
 def extremes_needed(n_tokens: int, max_level: float = 1e-3) -> int:
@@ -65,19 +67,21 @@ def _top_rows(vals: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
 
 class Collector:
     def __init__(self, n_features: int, seq_len: int, k: int, m: int, random_ids, skip_prefix: int = 1,
-                 device="cpu", pool_limit: int = 4_000_000):
+                 device="cpu", pool_limit: int = 2_000_000, allocate: bool = True):
+        """``allocate=False`` leaves the state's large tensors empty (``load`` fills them)."""
         self.k, self.m, self.t, self.f = k, m, seq_len, n_features
         self.skip = skip_prefix
         self.device = torch.device(device)
         self.pool_limit = pool_limit
         rid = torch.as_tensor(np.asarray(sorted(set(int(r) for r in random_ids)), dtype=np.int64))
+        f = n_features if allocate else 0
         self.state = CollectorState(
-            top_vals=torch.full((2, n_features, k), -math.inf, device=self.device),
-            top_ids=torch.full((2, n_features, k), NO_ID, dtype=torch.long, device=self.device),
-            top_acts=torch.zeros((2, n_features, k, seq_len), dtype=torch.float16, device=self.device),
-            ext=torch.full((2, n_features, m), -math.inf, device=self.device),
+            top_vals=torch.full((2, f, k), -math.inf, device=self.device),
+            top_ids=torch.full((2, f, k), NO_ID, dtype=torch.long, device=self.device),
+            top_acts=torch.zeros((2, f, k, seq_len), dtype=torch.float16, device=self.device),
+            ext=torch.full((2, f, m), -math.inf, device=self.device),
             random_ids=rid,
-            random_acts=torch.zeros((len(rid), seq_len, n_features), dtype=torch.float16),
+            random_acts=torch.zeros((len(rid), seq_len, f), dtype=torch.float16),
             random_seen=torch.zeros(len(rid), dtype=torch.bool),
             n_tokens=torch.tensor(0),
             next_batch=torch.tensor(0),
@@ -116,21 +120,31 @@ class Collector:
         feat = touched[row]
         s.top_vals[p, feat, slot] = best[new, feat]
         s.top_ids[p, feat, slot] = seq_ids[new]
-        s.top_acts[p, feat, slot] = acts[new, feat].to(torch.float16)
+        step = 1 << 16  # rows of per-token activations copied at a time (the first batch fills every slot)
+        for a in range(0, feat.numel(), step):
+            f, sl, nw = feat[a : a + step], slot[a : a + step], new[a : a + step]
+            s.top_acts[p, f, sl] = acts[nw, f].to(torch.float16)
 
-    def _set_best(self, p: int, vals: torch.Tensor, ids: torch.Tensor, acts: torch.Tensor) -> None:
-        """Polarity ``p``'s top lists := the K best columns of (vals, ids, acts) [F, C(, T)],
-        ordered by value descending, then sequence id ascending."""
+    def _feature_blocks(self):
+        """(start, stop) blocks of :data:`FEATURE_BLOCK` features: dense steps go block by block,
+        so their temporary tensors stay a block's size whatever the model's width."""
+        return [(a, min(a + FEATURE_BLOCK, self.f)) for a in range(0, self.f, FEATURE_BLOCK)]
+
+    def _set_best(self, p: int, vals: torch.Tensor, ids: torch.Tensor, acts: torch.Tensor, a: int = 0) -> None:
+        """Polarity ``p``'s top lists of features ``a, a+1, …`` := the K best columns of
+        (vals, ids, acts) [f, C(, T)], ordered by value descending, then sequence id ascending."""
         s = self.state
+        e = a + vals.shape[0]
         pick = _top_rows(vals, ids, self.k)
-        s.top_vals[p], s.top_ids[p] = vals.gather(1, pick), ids.gather(1, pick)
-        s.top_acts[p] = acts.gather(1, pick[:, :, None].expand(-1, -1, self.t))
+        s.top_vals[p, a:e], s.top_ids[p, a:e] = vals.gather(1, pick), ids.gather(1, pick)
+        s.top_acts[p, a:e] = acts.gather(1, pick[:, :, None].expand(-1, -1, self.t))
 
     def _sort_slots(self) -> None:
         """Order every top list (kept in arrival order while streaming)."""
         s = self.state
         for p in (0, 1):
-            self._set_best(p, s.top_vals[p], s.top_ids[p], s.top_acts[p])
+            for a, e in self._feature_blocks():
+                self._set_best(p, s.top_vals[p, a:e], s.top_ids[p, a:e], s.top_acts[p, a:e], a)
 
     # -- token extremes ---------------------------------------------------------------
     def _update_ext(self, p: int, best: torch.Tensor, body: torch.Tensor, sign: float) -> None:
@@ -139,23 +153,25 @@ class Collector:
         are read. best [b, F]; body [b, F, T'] unsigned."""
         s = self.state
         thr = s.ext[p, :, -1]
-        if int(s.n_tokens) == 0:  # empty state: a dense top-M of the first batch
-            flat = (sign * body).permute(1, 0, 2).reshape(self.f, -1)  # [F, b·T']
-            top = torch.topk(flat, min(self.m, flat.shape[1]), dim=1).values
-            s.ext[p, :, : top.shape[1]] = top
-            return
-        bi, fi = torch.nonzero(best > thr[None, :], as_tuple=True)
-        if fi.numel() == 0:
-            return
-        vals = body[bi, fi]  # [P, T'], contiguous rows
-        if sign < 0:
-            vals.neg_()
-        r, c = torch.nonzero(vals > thr[fi][:, None], as_tuple=True)
-        self._pool[p][0].append(fi[r])
-        self._pool[p][1].append(vals[r, c])
-        self._pool_size[p] += r.numel()
-        if self._pool_size[p] > self.pool_limit:
-            self._compact(p)
+        for a, e in self._feature_blocks():  # a block at a time: the early batches offer most tokens
+            if int(s.n_tokens) == 0:  # empty state: a dense top-M of the first batch
+                flat = (sign * body[:, a:e]).permute(1, 0, 2).reshape(e - a, -1)  # [f, b·T']
+                top = torch.topk(flat, min(self.m, flat.shape[1]), dim=1).values
+                s.ext[p, a:e, : top.shape[1]] = top
+                continue
+            bi, fi = torch.nonzero(best[:, a:e] > thr[None, a:e], as_tuple=True)
+            if fi.numel() == 0:
+                continue
+            fi += a
+            vals = body[bi, fi]  # [P, T'], contiguous rows
+            if sign < 0:
+                vals.neg_()
+            r, c = torch.nonzero(vals > thr[fi][:, None], as_tuple=True)
+            self._pool[p][0].append(fi[r])
+            self._pool[p][1].append(vals[r, c].float())  # exact from bf16; ext is float32
+            self._pool_size[p] += r.numel()
+            if self._pool_size[p] > self.pool_limit:
+                self._compact(p)
 
     def _compact(self, p: int) -> None:
         """Merge pooled candidates into ``ext``: per feature, top-M of old ∪ new.
@@ -182,7 +198,7 @@ class Collector:
         n_rows, a = by_count.numel(), 0
         while a < n_rows:
             e = min(n_rows, a + 8192)
-            e = min(e, a + max(1, 40_000_000 // (int(counts[e - 1]) + self.m)))
+            e = min(e, a + max(1, 8_000_000 // (int(counts[e - 1]) + self.m)))
             lo, hi = int(starts[a]), int(starts[e - 1] + counts[e - 1])
             pad = torch.full((e - a, int(counts[e - 1])), -math.inf, device=self.device)
             pad[row[lo:hi] - a, rank[lo:hi]] = v[lo:hi]
@@ -209,19 +225,26 @@ class Collector:
 
         Each layer is transposed into a reused feature-major buffer (feature
         ``f = layer × N + neuron``) and its per-sequence max/min are taken while it is
-        still in cache; reusing the buffer avoids page-faulting a fresh one per batch."""
+        still in cache; reusing the buffer avoids page-faulting a fresh one per batch.
+        The buffer keeps the activations' dtype (bf16 under autocast: half the memory;
+        every comparison and conversion from it is exact, as from a float32 copy), and
+        each entry of ``per_layer`` is set to None once copied, so the caller's tensors
+        are freed before the fold."""
         b, t, n = per_layer[0].shape
-        shape = (b, n * len(per_layer), t)
-        if self._buf is None or self._buf[0].shape != shape:
-            self._buf = (torch.empty(shape, device=self.device), torch.empty(shape[:2], device=self.device),
+        shape, dtype = (b, n * len(per_layer), t), per_layer[0].dtype
+        if self._buf is None or self._buf[0].shape != shape or self._buf[0].dtype != dtype:
+            self._buf = None
+            self._buf = (torch.empty(shape, dtype=dtype, device=self.device), torch.empty(shape[:2], device=self.device),
                          torch.empty(shape[:2], device=self.device))
         acts, mx, mn = self._buf
-        for i, x in enumerate(per_layer):
+        for i in range(len(per_layer)):
+            x = per_layer[i]
             cols = slice(i * n, (i + 1) * n)
             acts[:, cols] = x.transpose(1, 2)
             body = x[:, self.skip :]
             mx[:, cols] = body.amax(dim=1)
             mn[:, cols] = body.amin(dim=1)
+            per_layer[i] = x = body = None
         self._fold(seq_ids, acts, mx, mn.neg_())
 
     def _fold(self, seq_ids: torch.Tensor, acts: torch.Tensor, best_max: torch.Tensor, best_neg_min: torch.Tensor) -> None:
@@ -245,21 +268,32 @@ class Collector:
         other.flush()
         s, o = self.state, other.state
         for p in (0, 1):
-            vals = torch.cat([s.top_vals[p], o.top_vals[p].to(self.device)], dim=1)
-            ids = torch.cat([s.top_ids[p], o.top_ids[p].to(self.device)], dim=1)
-            acts = torch.cat([s.top_acts[p], o.top_acts[p].to(self.device)], dim=1)
-            self._set_best(p, vals, ids, acts)
-            s.ext[p] = torch.topk(torch.cat([s.ext[p], o.ext[p].to(self.device)], dim=1), self.m, dim=1).values
+            for a, e in self._feature_blocks():
+                vals = torch.cat([s.top_vals[p, a:e], o.top_vals[p, a:e].to(self.device)], dim=1)
+                ids = torch.cat([s.top_ids[p, a:e], o.top_ids[p, a:e].to(self.device)], dim=1)
+                acts = torch.cat([s.top_acts[p, a:e], o.top_acts[p, a:e].to(self.device)], dim=1)
+                self._set_best(p, vals, ids, acts, a)
+                s.ext[p, a:e] = torch.topk(torch.cat([s.ext[p, a:e], o.ext[p, a:e].to(self.device)], dim=1),
+                                           self.m, dim=1).values
         s.n_tokens += o.n_tokens
         s.random_acts[o.random_seen] = o.random_acts[o.random_seen]
         s.random_seen |= o.random_seen
+
+    def _row_blocks(self, bytes_per_row: int, total: int | None = None):
+        """(start, stop) blocks of rows (features, or random sequences) of about
+        :data:`IO_BLOCK_BYTES` each: save and load convert one block at a time."""
+        total = self.f if total is None else total
+        step = max(1, IO_BLOCK_BYTES // max(1, bytes_per_row))
+        return [(a, min(a + step, total)) for a in range(0, total, step)]
 
     def save(self, path, meta: dict | None = None) -> None:
         """Write the state as a Parquet shard, atomically (temporary file, then rename).
 
         One row per feature ``f``: ``top_vals`` [2K], ``top_ids`` [2K], ``top_acts`` (raw
         float16 bits of ``[2, K, T]``) and ``ext`` [2M]; counters in the schema metadata.
-        The random sample's activations go to a second Parquet file, ``<path>.random``.
+        The random sample's activations go to a second Parquet file, ``<path>.random``, one
+        row per random sequence. Both are written a block of rows at a time (one row group
+        each), so saving never copies the whole state.
         """
         import json
         import os
@@ -269,31 +303,39 @@ class Collector:
 
         self.flush()
         s = self.state
-        f = self.f
-        tv = s.top_vals.permute(1, 0, 2).reshape(f, -1).cpu().numpy()  # [F, 2K]
-        ti = s.top_ids.permute(1, 0, 2).reshape(f, -1).cpu().numpy()
-        ta = s.top_acts.permute(1, 0, 2, 3).reshape(f, -1).cpu().numpy()  # [F, 2·K·T] float16
-        ex = s.ext.permute(1, 0, 2).reshape(f, -1).cpu().numpy()  # [F, 2M]
+        k, m, t = self.k, self.m, self.t
 
         def fixed(arr, typ):
             return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1), type=typ), arr.shape[1])
 
-        table = pa.table({
-            "feature": pa.array(np.arange(f, dtype=np.int32)),
-            "top_vals": fixed(tv, pa.float32()),
-            "top_ids": fixed(ti, pa.int64()),
-            "top_acts": fixed(ta.view(np.uint16), pa.uint16()),
-            "ext": fixed(ex, pa.float32()),
-        })
-        info = {"k": self.k, "m": self.m, "t": self.t, "f": self.f, "skip": self.skip,
+        def block(a: int, b: int) -> pa.Table:
+            n = b - a
+            return pa.table({
+                "feature": pa.array(np.arange(a, b, dtype=np.int32)),
+                "top_vals": fixed(s.top_vals[:, a:b].permute(1, 0, 2).reshape(n, 2 * k).cpu().numpy(), pa.float32()),
+                "top_ids": fixed(s.top_ids[:, a:b].permute(1, 0, 2).reshape(n, 2 * k).cpu().numpy(), pa.int64()),
+                "top_acts": fixed(s.top_acts[:, a:b].permute(1, 0, 2, 3).reshape(n, 2 * k * t).cpu().numpy().view(np.uint16),
+                                  pa.uint16()),  # [n, 2·K·T] float16 bits
+                "ext": fixed(s.ext[:, a:b].permute(1, 0, 2).reshape(n, 2 * m).cpu().numpy(), pa.float32()),
+            })
+
+        info = {"k": k, "m": m, "t": t, "f": self.f, "skip": self.skip,
                 "n_tokens": int(s.n_tokens), "next_batch": int(s.next_batch),
                 "random_ids": s.random_ids.tolist(), "random_seen": s.random_seen.tolist(), **(meta or {})}
-        table = table.replace_schema_metadata({"monitor.collector": json.dumps(info)})
-        rnd = pa.table({"random_acts": fixed(s.random_acts.reshape(len(s.random_ids), -1).numpy().view(np.uint16), pa.uint16())}) \
-            if len(s.random_ids) else pa.table({"random_acts": pa.array([], pa.list_(pa.uint16()))})
-        for tab, dest in ((rnd, f"{path}.random"), (table, str(path))):
+        r = len(s.random_ids)
+        rnd = s.random_acts.reshape(r, t * self.f).numpy().view(np.uint16)  # [R, T·F], a view
+        parts = (
+            (f"{path}.random", "zstd", pa.schema([("random_acts", pa.list_(pa.uint16(), t * self.f) if r else pa.list_(pa.uint16()))]),
+             [(a, b, lambda a, b: pa.table({"random_acts": fixed(rnd[a:b], pa.uint16())}))
+              for a, b in self._row_blocks(2 * t * self.f, r)]),
+            (str(path), "none", block(0, 0).schema.with_metadata({"monitor.collector": json.dumps(info)}),
+             [(a, b, block) for a, b in self._row_blocks(8 * k + 16 * k + 4 * k * t + 8 * m)]),
+        )
+        for dest, compression, schema, blocks in parts:
             tmp = f"{dest}.tmp"
-            pq.write_table(tab, tmp, compression="zstd" if tab is rnd else "none")
+            with pq.ParquetWriter(tmp, schema, compression=compression) as w:
+                for a, b, make in blocks:
+                    w.write_table(make(a, b), row_group_size=b - a)
             os.replace(tmp, dest)
 
     @staticmethod
@@ -305,26 +347,50 @@ class Collector:
         return json.loads(pq.read_schema(path).metadata[b"monitor.collector"])
 
     @classmethod
-    def load(cls, path, device="cpu") -> "Collector":
+    def load(cls, path, device="cpu", ext: bool = True) -> "Collector":
+        """Read a state written by :meth:`save`, one row group at a time into the state's own
+        tensors (no whole-state copy). ``ext=False`` skips the token extremes (``state.ext``
+        is then empty and :meth:`quantiles` unavailable): what the exemplar readers need."""
         import pyarrow.parquet as pq
 
         info = cls.read_info(path)
         k, m, t, f = info["k"], info["m"], info["t"], info["f"]
-        c = cls(f, t, k, m, info["random_ids"], info["skip"], device=device)
-        table = pq.read_table(path)
+        c = cls(f, t, k, m if ext else 0, info["random_ids"], info["skip"], device=device, allocate=False)
+        dev, s = c.device, c.state
+        s.top_vals = torch.empty((2, f, k), device=dev)
+        s.top_ids = torch.empty((2, f, k), dtype=torch.long, device=dev)
+        s.top_acts = torch.empty((2, f, k, t), dtype=torch.float16, device=dev)
+        s.ext = torch.empty((2, f, c.m), device=dev)
+        parts = {"top_vals": (s.top_vals, np.float32), "top_ids": (s.top_ids, np.int64),
+                 "top_acts": (s.top_acts, np.float16), **({"ext": (s.ext, np.float32)} if ext else {})}
 
-        def col(name, dtype):
-            flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            return torch.from_numpy(np.ascontiguousarray(flat).view(dtype).copy())
+        def rows(column, dtype, shape: tuple, swap: bool) -> torch.Tensor:
+            """A row group's column as one writable block of ``shape`` (rows first; with ``swap``
+            the first two axes exchanged, the state's [2, rows, ...] layout)."""
+            flat = np.ascontiguousarray(column.combine_chunks().flatten().to_numpy(zero_copy_only=False)).view(dtype)
+            arr = flat.reshape(shape)
+            return torch.from_numpy(np.array(arr.swapaxes(0, 1) if swap else arr, order="C"))  # a block-sized copy
 
-        s = c.state
-        s.top_vals = col("top_vals", np.float32).view(f, 2, k).permute(1, 0, 2).contiguous().to(c.device)
-        s.top_ids = col("top_ids", np.int64).view(f, 2, k).permute(1, 0, 2).contiguous().to(c.device)
-        s.top_acts = col("top_acts", np.float16).view(f, 2, k, t).permute(1, 0, 2, 3).contiguous().to(c.device)
-        s.ext = col("ext", np.float32).view(f, 2, m).permute(1, 0, 2).contiguous().to(c.device)
-        if len(s.random_ids):
-            rnd = pq.read_table(f"{path}.random").column("random_acts").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            s.random_acts = torch.from_numpy(np.ascontiguousarray(rnd).view(np.float16).copy()).view(len(s.random_ids), t, f)
+        pf = pq.ParquetFile(path)
+        a = 0
+        for g in range(pf.num_row_groups):
+            tab = pf.read_row_group(g, columns=list(parts))
+            n = tab.num_rows
+            for name, (dest, dtype) in parts.items():
+                dest[:, a : a + n] = rows(tab.column(name), dtype, (n, 2, *dest.shape[2:]), True).to(dev)
+            a += n
+        if a != f:
+            raise ValueError(f"{path} holds {a} features, its metadata says {f}")
+        r = len(s.random_ids)
+        s.random_acts = torch.empty((r, t, f), dtype=torch.float16)
+        if r:
+            pr = pq.ParquetFile(f"{path}.random")
+            a = 0
+            for g in range(pr.num_row_groups):
+                col = pr.read_row_group(g).column("random_acts")
+                n = len(col)
+                s.random_acts[a : a + n] = rows(col, np.float16, (n, t, f), False)
+                a += n
         s.random_seen = torch.tensor(info["random_seen"], dtype=torch.bool)
         s.n_tokens = torch.tensor(info["n_tokens"])
         s.next_batch = torch.tensor(info["next_batch"])

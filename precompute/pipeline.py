@@ -122,6 +122,28 @@ def _maybe_die(stage: str, step: int) -> None:
     kill_point("PRECOMPUTE_KILL_AT", stage, step)
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (``VmHWM``) so the next :func:`peak_rss_mb`
+    is the peak since now; False where the kernel does not allow it (the peak then covers the
+    whole process)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set size in MB (``VmHWM`` from /proc; None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def _write_parquet(df: pd.DataFrame | pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -139,8 +161,11 @@ class Build:
         self.root = cfg.root
         self.progress = progress
         self._lm = lm
+        self._owns_lm = lm is None  # a shared model is the caller's to free
+        self._facts = None  # (n_layers, n_neurons, source) read from config.json, while no model is loaded
         self._corpus = None
         self.progress_file = ProgressFile(self.root)  # what the dashboard shows while this build runs
+        self._peak_reset = False  # whether run() reset the peak RSS when the current stage began
 
     # -- shared inputs -----------------------------------------------------------------
     @property
@@ -151,6 +176,34 @@ class Build:
 
             self._lm = load_model(self.cfg.model)
         return self._lm
+
+    def model_facts(self) -> tuple[int, int, str]:
+        """(layers, neurons per layer, source) of the model: the loaded model's, else read from
+        its config.json alone, so the stages that need only these never load the weights."""
+        if self._lm is not None:
+            return self._lm.n_layers, self._lm.n_neurons, str(self._lm.source)
+        if self._facts is None:
+            from engine.loader import model_config, model_n_layers
+
+            try:
+                config, source = model_config(self.cfg.model)
+            except MonitorError:
+                config = source = None  # loading the model says what is wrong (e.g. "Unknown model")
+            n = getattr(config, "intermediate_size", None)
+            if not isinstance(n, int):  # no readable Llama config: ask the model
+                return self.lm.n_layers, self.lm.n_neurons, str(self.lm.source)
+            self._facts = (model_n_layers(self.cfg.model), n, str(source))
+        return self._facts
+
+    def release_model(self) -> None:
+        """Drop the model this build loaded (the stages after the descriptions only need
+        :meth:`model_facts`); a later use of :attr:`lm` loads it again."""
+        if self._owns_lm and self._lm is not None:
+            from engine.loader import trim_heap
+
+            self._facts = self.model_facts()
+            self._lm = None
+            trim_heap()
 
     @property
     def corpus(self):
@@ -204,7 +257,7 @@ class Build:
 
     def layer_list(self) -> list[int]:
         """The layers to describe: ``cfg.layers`` ("0,5,10-12") or all of them."""
-        return parse_layers(self.cfg.layers, self.lm.n_layers)
+        return parse_layers(self.cfg.layers, self.model_facts()[0])
 
     # -- status ------------------------------------------------------------------------
     def complete_shard_sets(self) -> list[int]:
@@ -225,9 +278,13 @@ class Build:
         return (self.root / f"{stage}.done").exists()
 
     def mark(self, stage: str, info: dict | None = None) -> None:
-        """Write ``stage``'s marker atomically, with the time and ``info``."""
+        """Write ``stage``'s marker atomically, with the time, ``info`` and the peak RSS:
+        ``peak_rss_mb`` when :meth:`run` reset it as the stage began (the stage's own peak, in
+        this process), else ``process_peak_rss_mb`` (the process's peak so far)."""
+        peak = peak_rss_mb()
+        rss = {} if peak is None else {"peak_rss_mb" if self._peak_reset else "process_peak_rss_mb": peak}
         write_json(self.root / f"{stage}.done",
-                   {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})})
+                   {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {}), **rss})
 
     def stage_info(self, stage: str) -> dict:
         """What a finished stage recorded in its marker (e.g. the explainer or scorer id); {} if none."""
@@ -338,7 +395,7 @@ class Build:
             raise MonitorError("The shards do not cover the whole corpus; re-run the missing shards.")
         merged.save(self.root / "merged.parquet", {"num_shards": p})
         _maybe_die("exemplars", 1)
-        n_layers, n_neurons = self.lm.n_layers, self.lm.n_neurons
+        n_layers, n_neurons, _ = self.model_facts()
         qs = merged.quantiles()
         layer = np.repeat(np.arange(n_layers, dtype=np.int32), n_neurons)
         neuron = np.tile(np.arange(n_neurons, dtype=np.int32), n_layers)
@@ -351,8 +408,9 @@ class Build:
         self.mark("exemplars", {"num_shards": p, "n_tokens": int(merged.state.n_tokens)})
 
     def merged(self) -> Collector:
-        """The exemplars stage's merged collector."""
-        return Collector.load(self.root / "merged.parquet")
+        """The exemplars stage's merged collector, without its token extremes (``state.ext``:
+        the quantiles, already in ``quantiles.parquet``), which no later stage reads."""
+        return Collector.load(self.root / "merged.parquet", ext=False)
 
     def layer_file(self, stage: str, layer: int) -> Path:
         """One layer's output of a per-layer stage (descriptions, scores)."""
@@ -453,7 +511,7 @@ class Build:
         from . import embedding_score
         from .simulate import SCORER_ID, SCORER_VERSION, Simulator
 
-        n = self.lm.n_neurons
+        n = self.model_facts()[1]  # no model load: the scores stage reads no weights
         view = ExemplarView.of_build(self)
         desc = self.descriptions()
         vecs = self.embeddings("chunk")
@@ -523,7 +581,8 @@ class Build:
         from .describe import EXPLAINER_ID
         from .simulate import SCORER_DESCRIPTION, SCORER_ID, SCORER_VERSION
 
-        lm, corpus, cfg = self.lm, self.corpus, self.cfg
+        corpus, cfg = self.corpus, self.cfg
+        n_layers, n, source = self.model_facts()
         desc = self.descriptions()
         scores = self.scores()
         main_id = self.stage_info("scores").get("scorer", SCORER_ID)
@@ -541,7 +600,6 @@ class Build:
                               "description": embedding_score.SCORER_DESCRIPTION}]
         col = self.merged()
         s = col.state
-        n = lm.n_neurons
         steps = ["meta", "neurons", "sequences", "descriptions", "scores", "embeddings", "exemplars", "quantiles", "finish"]
         bar = self._bar(len(steps), "write database")
         w = DatabaseWriter(cfg.db_path, vecs.shape[1])
@@ -550,9 +608,9 @@ class Build:
             w.write_meta({
                 "schema_version": SCHEMA_VERSION,
                 "model_id": cfg.model,
-                "model_source": str(lm.source),
+                "model_source": source,
                 "model_slug": cfg.slug,
-                "n_layers": str(lm.n_layers),
+                "n_layers": str(n_layers),
                 "n_neurons": str(n),
                 "seq_len": str(corpus.seq_len),
                 "n_sequences": str(len(corpus)),
@@ -600,35 +658,39 @@ class Build:
         self.mark("write", {"db": str(path)})
         return path
 
-    def _exemplar_frames(self, s, encode_acts, n: int, features_per_frame: int = 8192):
+    def _exemplar_frames(self, s, encode_acts, n: int, features_per_frame: int = 2048):
+        """The exemplars table's rows, one Arrow table per block of features (top exemplars of
+        both polarities, then the random sequences): per-token codes go in as one flat int8
+        buffer per block, never as a Python object per row."""
         f_total, k, t = s.top_ids.shape[1], s.top_ids.shape[2], s.top_acts.shape[-1]
+
+        def table(feats, per, pol, split, rank, seq_id, max_act, acts, keep=None) -> pa.Table:
+            codes, scale = encode_acts(acts)  # [rows, T] int8, [rows]
+            cols = {"layer": np.repeat(feats // n, per).astype(np.int32), "neuron": np.repeat(feats % n, per).astype(np.int32),
+                    "polarity": np.full(len(feats) * per, pol, np.int8), "split": split, "rank": rank.astype(np.int32),
+                    "seq_id": seq_id.astype(np.int32), "max_act": max_act.astype(np.float32), "scale": scale}
+            if keep is not None:
+                cols = {c: v[keep] for c, v in cols.items()}
+                codes = codes[keep]
+            offsets = np.arange(0, codes.size + 1, t, dtype=np.int32)
+            return pa.table({**cols, "acts": pa.ListArray.from_arrays(offsets, pa.array(codes.reshape(-1)))})
+
         for a in range(0, f_total, features_per_frame):
             b = min(a + features_per_frame, f_total)
             feats = np.arange(a, b)
             parts = []
             for pi, pol in POLARITY_INDEX:
-                ids = s.top_ids[pi, a:b].numpy()  # [f, K]
-                vals = s.top_vals[pi, a:b].numpy() * pol
-                acts = s.top_acts[pi, a:b].float().numpy().reshape(-1, t)  # [f·K, T]
-                codes, scale = encode_acts(acts)
+                ids = s.top_ids[pi, a:b].numpy().reshape(-1)  # [f·K]
+                vals = s.top_vals[pi, a:b].numpy().reshape(-1) * pol
                 ranks = np.tile(np.arange(k), len(feats))
-                ok = ids.reshape(-1) >= 0
-                parts.append(pd.DataFrame({
-                    "layer": np.repeat(feats // n, k), "neuron": np.repeat(feats % n, k), "polarity": pol,
-                    "split": split_of(ranks), "rank": ranks,
-                    "seq_id": ids.reshape(-1), "max_act": vals.reshape(-1), "scale": scale, "acts": list(codes),
-                })[ok & np.isfinite(vals.reshape(-1))])
+                parts.append(table(feats, k, pol, split_of(ranks), ranks, ids, vals,
+                                   s.top_acts[pi, a:b].float().numpy().reshape(-1, t), (ids >= 0) & np.isfinite(vals)))
             r = len(s.random_ids)
             if r:
                 racts = s.random_acts[:, :, a:b].float().numpy().transpose(2, 0, 1).reshape(-1, t)  # [f·R, T]
-                codes, scale = encode_acts(racts)
-                parts.append(pd.DataFrame({
-                    "layer": np.repeat(feats // n, r), "neuron": np.repeat(feats % n, r), "polarity": 0,
-                    "split": "random", "rank": np.tile(np.arange(r), len(feats)),
-                    "seq_id": np.tile(s.random_ids.numpy(), len(feats)), "max_act": racts[:, self.cfg.skip_prefix :].max(1),
-                    "scale": scale, "acts": list(codes),
-                }))
-            yield pd.concat(parts, ignore_index=True)
+                parts.append(table(feats, r, 0, np.full(len(feats) * r, "random"), np.tile(np.arange(r), len(feats)),
+                                   np.tile(s.random_ids.numpy(), len(feats)), racts[:, self.cfg.skip_prefix :].max(1), racts))
+            yield pa.concat_tables(parts)
 
     # -- driver ------------------------------------------------------------------------
     def run(self, until: str = "write") -> Path | None:
@@ -642,13 +704,20 @@ class Build:
             if self.done(stage):
                 continue
             t0 = time.time()
+            if stage in ("embeddings", "scores", "write"):
+                self.release_model()  # only the corpus, activations and descriptions stages run it
+            from engine.loader import trim_heap
+
+            trim_heap()  # the previous stage's freed memory goes back before this stage's peak is measured
+            self._peak_reset = reset_peak_rss()
             self.progress_file.stage(stage, i + 1, len(STAGES))
             if stage == "activations":
                 self.run_activations(0, 1)
             else:
                 getattr(self, f"run_{stage}")()
+            self._peak_reset = False
             if self.progress:
-                print(f"  {stage}: done in {time.time() - t0:.1f} s", flush=True)
+                print(f"  {stage}: done in {time.time() - t0:.1f} s, peak RSS {peak_rss_mb()} MB", flush=True)
         self.progress_file.finished()
         return self.cfg.db_path if until == "write" else None
 

@@ -188,6 +188,62 @@ def test_collector_merge_is_exact_with_ties():
         assert r.index(5) + 1 == r.index(9)
 
 
+def test_collector_in_blocks_equals_whole(monkeypatch, tmp_path):
+    """Folding, sorting, merging, saving and loading a block of features (or rows) at a time give
+    exactly the state of whole-tensor steps; a file saved in one row group (the earlier format)
+    loads the same; ``ext=False`` skips only the extremes."""
+    import pyarrow.parquet as pq
+
+    import precompute.collect as collect
+
+    torch.manual_seed(1)
+    n_layers, n, t, b = 3, 17, 9, 4
+    data = torch.randn(40, t, n_layers * n) * torch.rand(1, 1, n_layers * n) * 3
+    data[13] = data[6]  # a tie
+
+    def run(feature_block: int, halves: bool = False) -> Collector:
+        monkeypatch.setattr(collect, "FEATURE_BLOCK", feature_block)
+        cols = [Collector(n_layers * n, t, 5, 25, random_ids=[3, 21, 30], pool_limit=200) for _ in range(2 if halves else 1)]
+        for i in range(10):
+            x = data[i * b : (i + 1) * b]
+            cols[i % len(cols)].update_layers(torch.arange(i * b, (i + 1) * b), list(x.split(n, dim=2)))
+        if halves:
+            cols[0].merge(cols[1])
+        cols[0].flush()
+        return cols[0]
+
+    whole = run(10_000)
+    names = ("top_vals", "top_ids", "top_acts", "ext", "random_acts", "random_seen", "n_tokens")
+    for got in (run(7), run(7, halves=True), run(10_000, halves=True)):
+        for name in names:
+            assert torch.equal(getattr(whole.state, name), getattr(got.state, name)), name
+    # bf16 activations (the autocast pass) folded from a bf16 buffer equal their float32 copy folded
+    monkeypatch.setattr(collect, "FEATURE_BLOCK", 7)
+    half, full = (Collector(n_layers * n, t, 5, 25, random_ids=[3, 21, 30], pool_limit=200) for _ in range(2))
+    for i in range(10):
+        x = data[i * b : (i + 1) * b].to(torch.bfloat16)
+        half.update_layers(torch.arange(i * b, (i + 1) * b), list(x.split(n, dim=2)))
+        full.update(torch.arange(i * b, (i + 1) * b), x.float().transpose(1, 2))
+    half.flush()
+    full.flush()
+    for name in names:
+        assert torch.equal(getattr(half.state, name), getattr(full.state, name)), name
+    whole.save(tmp_path / "one.parquet")  # small enough for one row group, as every file was before
+    monkeypatch.setattr(collect, "IO_BLOCK_BYTES", 1000)  # 2 features, 1 random sequence a block
+    whole.save(tmp_path / "blocks.parquet", {"shard": 0})
+    assert pq.ParquetFile(tmp_path / "one.parquet").num_row_groups == 1
+    assert pq.ParquetFile(tmp_path / "blocks.parquet").num_row_groups > 5
+    assert pq.ParquetFile(tmp_path / "blocks.parquet.random").num_row_groups == 3
+    for path in ("one.parquet", "blocks.parquet"):
+        got = Collector.load(tmp_path / path)
+        for name in names + ("next_batch",):
+            assert torch.equal(getattr(whole.state, name), getattr(got.state, name)), (path, name)
+        assert got.quantiles().keys() == whole.quantiles().keys()
+    lean = Collector.load(tmp_path / "blocks.parquet", ext=False)
+    assert lean.state.ext.numel() == 0 and torch.equal(lean.state.top_acts, whole.state.top_acts)
+    assert Collector.read_info(tmp_path / "blocks.parquet")["shard"] == 0
+
+
 def test_collector_matches_brute_force_on_shuffled_batches():
     """Top lists (ids, values and the stored per-token rows) and quantiles against NumPy,
     with exact ties, repeated sequences and ids arriving out of order."""
