@@ -103,6 +103,7 @@ def run(until: str, port: int | None, keep: bool) -> dict:
             _wait_for_trace(page, "Which is bigger")
             out["first_turn_s"] = round(time.perf_counter() - t1, 1)
             out["clone_to_first_trace_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(out), file=sys.stderr, flush=True)
             out["db_present_at_first_trace"] = db.exists() or partial.exists()
             while not page.get_by_text("Partial database:").count():  # the page reruns itself when it lands
                 if db.exists():
@@ -111,6 +112,7 @@ def run(until: str, port: int | None, keep: bool) -> dict:
                 page.wait_for_timeout(1000)
             out["clone_to_descriptions_s"] = round(time.perf_counter() - t0, 1)
             out["partial_build_peak_rss_mb"] = round(peak)
+            print(json.dumps(out), file=sys.stderr, flush=True)  # so far, in case the full build is cut short
             browser.close()
         if until == "full":
             while is_locked(db) or not db.exists():
