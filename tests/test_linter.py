@@ -250,8 +250,7 @@ def test_linter_and_chat_table_select_the_same_neurons(lm, db):
     for scale in (view, (q_hi, q_lo)):
         v = scale if not isinstance(scale, tuple) else type(view).from_quantiles(*scale)
         for threshold in (1.0, 0.5):
-            rows, total = activation_rows(v.normalise(trace.activations), trace.activations, threshold,
-                                          skip_sink=True, limit=10**6)
+            rows, total = activation_rows(trace, v, threshold, skip_sink=True, limit=10**6)
             hits = important_neurons(trace, "activation", k=10**6, scale=scale, min_normalised=threshold)
             assert total == len(rows) > 0
             assert {(h.layer, h.neuron) for h in hits} == set(zip(rows["layer"], rows["neuron"]))
