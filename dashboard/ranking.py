@@ -42,7 +42,7 @@ def activation_rows(trace, view, threshold: float, skip_sink: bool = True,
 
 
 def attribution_scale(trace, kind: str = "logprob") -> float:
-    """What the trace's attribution ``a · ∂log p/∂a`` is multiplied by: 1, or p(target) for ``prob`` (chain rule)."""
+    """What the trace's ``a · ∂log p/∂a`` is multiplied by: 1, or p(target) for ``prob`` (chain rule)."""
     if not trace.has_attribution:
         raise ValueError("the trace has no attribution")
     return float(trace.target_prob) if kind == "prob" else 1.0

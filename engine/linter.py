@@ -491,11 +491,11 @@ def causal_check(lm, trace, report: LintReport, n_null: int = DEFAULT_NULL_SETS,
         raise MonitorError(f"The causal check needs at least {DEFAULT_NULL_SETS} random sets; got {n_null}.")
     t0 = time.perf_counter()
     groups, spans = [], []
+    toks = [sorted({t for _, t, _ in cluster_cells(c)}) for c in report.clusters]
+    got = trace.map_layers("activations", lambda l, a: [a[ts].abs().double().sum(dim=0) for ts in toks])  # by layer
     for k, c in enumerate(report.clusters):
         cells = cluster_cells(c)
-        toks = sorted({t for _, t, _ in cells})
-        got = trace.map_layers("activations", lambda l, a: a[toks].abs().double().sum(dim=0))  # one layer at a time
-        mass = torch.stack([got[l] for l in sorted(got)]).numpy()  # [layers, neurons]
+        mass = torch.stack([got[l][k] for l in sorted(got)]).numpy()  # [layers, neurons]
         ivs = [Intervention([(h.layer, h.neuron, h.polarity)], "scale", factor=0.0,
                             tokens=TokenRange("positions", tuple(sorted(h.tokens)))) for h in c.members]
         controls = matched_controls(ivs, lm.n_neurons, int(n_null), seed=seed + 1000 * k, mass=mass)

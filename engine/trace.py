@@ -27,7 +27,7 @@ and ``activations`` / ``attributions`` are None:
 * anything else (a neuron's row over tokens, a heatmap at a new threshold, a ranking under a view)
   is recomputed exactly: a forward pass with the same interventions (with attribution, the same
   forward and backward) that hands each layer to a reduction and drops it, so no whole tensor is
-  ever held; single layers fetched that way stay in a small LRU (:data:`LAYER_CACHE`).
+  ever held; single layers fetched that way stay in a small LRU (:data:`LAYER_CACHE_BYTES`).
 
 Consumers use the methods that work for both storages: :meth:`Trace.layer`,
 :meth:`Trace.neuron_row`, :meth:`Trace.neuron_rows`, :meth:`Trace.map_layers`, :meth:`Trace.cells`,
@@ -57,7 +57,7 @@ ATTRIBUTION_KINDS = ("logprob", "prob")
 KINDS = ("activations", "attributions")
 DENSE_MB = 64.0  # a [layers, tokens, neurons] float32 tensor up to this size is kept whole
 TOP_PER_LAYER = 1024  # cells per layer a compact trace keeps exactly (≥ the dashboard's and linter's top k)
-LAYER_CACHE = 2  # recomputed layers a compact trace keeps
+LAYER_CACHE_BYTES = 16 * 2**20  # recomputed layers a compact trace keeps (Llama-3.1-8B at 200 tokens: one)
 
 
 def dense_budget_bytes() -> float:
@@ -225,13 +225,15 @@ class Trace:
         if self.compact is None:
             return self._dense(kind)[int(layer)]
         key = (kind, int(layer))
-        if key not in self._cache:
-            got = self.map_layers(kind, lambda l, x: x, [layer])[int(layer)]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        got = self.map_layers(kind, lambda l, x: x, [layer])[int(layer)]
+        if _bytes(got) <= LAYER_CACHE_BYTES:
             self._cache[key] = got
-            while len(self._cache) > LAYER_CACHE:
+            while _bytes(*self._cache.values()) > LAYER_CACHE_BYTES:
                 self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return self._cache[key]
+        return got
 
     def neuron_row(self, kind: str, layer: int, neuron: int) -> torch.Tensor:
         """``[tokens]``: one neuron's values over the tokens."""
@@ -288,13 +290,14 @@ class Trace:
     def top_cells(self, kind: str, k: int, skip_tokens: Sequence[int] = (), view=None) -> list[dict]:
         """:func:`engine.activation_view.top_cells` of ``kind`` (``view`` normalises activations)."""
         self._check(kind)
+        view = view if kind == "activations" else None
         if self.compact is None:
             return top_cells(self._dense(kind), k, skip_tokens, view)
         L, T, N = self.shape
         keep = token_mask(T, skip_tokens)
         c = self.compact
         idx, val = (c.act_top_idx, c.act_top_val) if kind == "activations" else (c.attr_top_idx, c.attr_top_val)
-        if (view is None or kind == "attributions") and bool(keep[1:].all()) and int(k) <= idx.shape[1]:
+        if view is None and bool(keep[1:].all()) and int(k) <= idx.shape[1]:
             # the global top k of tokens 1… is among each layer's own top k
             layer = torch.arange(L)[:, None].expand_as(idx).reshape(-1)
             flat = idx.reshape(-1).long()
@@ -306,7 +309,6 @@ class Trace:
                 neuron = torch.cat([neuron, torch.arange(N).repeat(L)])
                 values = torch.cat([values, sink.reshape(-1)])
             return merge_top(values, layer, tok, neuron, k)
-        view = view if kind == "activations" else None
 
         def layer_top(l: int, x: torch.Tensor):
             v = normalise_layer(x, view, l).masked_fill(~keep[:, None], 0.0).reshape(-1)
@@ -352,7 +354,8 @@ class Trace:
             best_neg = torch.where(c.neg_tok >= 0, -nv, torch.tensor(0.0)).clamp(min=0)
             if bool(keep[0]):
                 n0 = normalise(c.act_sink[:, None, :], view)[:, 0]
-                best_pos, best_neg = torch.maximum(best_pos, n0.clamp(min=0)), torch.maximum(best_neg, (-n0).clamp(min=0))
+                best_pos = torch.maximum(best_pos, n0.clamp(min=0))
+                best_neg = torch.maximum(best_neg, (-n0).clamp(min=0))
             return torch.stack([best_pos, best_neg])
 
         def side(l: int, x: torch.Tensor) -> torch.Tensor:
