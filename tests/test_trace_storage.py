@@ -233,3 +233,10 @@ def test_a_200_token_chat_at_8b_neuron_count_holds_under_200_mb(wide_lm):
     assert trace.nbytes() <= 200 * MB
     rows = ranking.attribution_rows(trace, "logprob", 1000)
     assert len(rows) == 1000 and rows["value"].abs().is_monotonic_decreasing
+    # the chat page's session holds this chat's plain trace too (its activation rows, a neuron's strip)
+    fwd = run_trace(wide_lm, chat)
+    torch.testing.assert_close(fwd.neuron_row("activations", 0, 9), acts_by_layer[0][:, 9], rtol=1e-5, atol=1e-6)
+    session = fwd.nbytes() + trace.nbytes()
+    print(f"session: plain trace {fwd.nbytes() / MB:.1f} MB + attribution trace {trace.nbytes() / MB:.1f} MB "
+          f"= {session / MB:.1f} MB")
+    assert session <= 200 * MB
