@@ -39,7 +39,7 @@ def _panel(ctx: ChatContext) -> None:
     from engine.effects import faithfulness
 
     trace = ctx.trace
-    if getattr(trace, "objective", None) is None or trace.attributions is None:
+    if getattr(trace, "objective", None) is None or not trace.has_attribution:
         st.info("Pick a target token (Attribution mode) to check the attribution against real suppressions.")
         return
     k = st.slider("Top attribution cells to suppress", 5, 100, key=widgets.widget_key("faith_k", DEFAULT_K),

@@ -1,7 +1,8 @@
 """Rank a trace's neurons for display: activation and attribution rows, heatmaps, description joins.
 
-No Streamlit here: pure functions of a trace and the normalised activations, so they are easy
-to test and the pages only draw what they return. Normalisation itself (the quantile divisors,
+No Streamlit here: pure functions of a trace (through :class:`engine.trace.Trace`'s methods, which
+work for a whole trace and a compact one alike), so they are easy to test and the pages only
+draw what they return. Normalisation itself (the quantile divisors,
 their floor, ``n = a ÷ extreme quantile``) is :mod:`engine.activation_view`'s.
 
 **Activation mode.** One row per neuron with |n| ≥ the threshold, at the token where |n| is
@@ -17,22 +18,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from engine.activation_view import SINK, salient_neurons, token_mask
+from engine.activation_view import SINK, normalise_layer, token_mask
 
 ROW_COLUMNS = ["layer", "neuron", "polarity", "token_index", "value", "activation"]
 
 
-def activation_rows(norm: torch.Tensor, acts: torch.Tensor, threshold: float, skip_sink: bool = True,
+def activation_rows(trace, view, threshold: float, skip_sink: bool = True,
                     limit: int = 1000) -> tuple[pd.DataFrame, int]:
     """One row per neuron with |n| ≥ ``threshold`` at its most extreme token, strongest first
-    (:func:`engine.activation_view.salient_neurons`).
+    (:meth:`engine.trace.Trace.salient`; ``view`` an ActivationView or None for raw values).
 
     Returns (rows with :data:`ROW_COLUMNS`, how many neurons passed before ``limit``). ``value``
     is the normalised value, ``activation`` the raw one, ``polarity`` its sign (±1).
     """
-    sal = salient_neurons(norm, threshold, skip_sink, limit)
+    sal = trace.salient(view, threshold, skip_sink, limit)
     layer, neuron, t = sal.layer, sal.neuron, sal.token
-    raw = acts[torch.from_numpy(layer), torch.from_numpy(t), torch.from_numpy(neuron)].numpy() if len(sal) else np.zeros(0)
+    raw = trace.cells("activations", layer, t, neuron) if len(sal) else np.zeros(0)
     df = pd.DataFrame({
         "layer": layer, "neuron": neuron, "polarity": sal.polarity, "token_index": t,
         "value": sal.value, "activation": raw.astype(np.float64),
@@ -40,57 +41,55 @@ def activation_rows(norm: torch.Tensor, acts: torch.Tensor, threshold: float, sk
     return df, sal.total
 
 
-def attribution_values(trace, kind: str = "logprob") -> torch.Tensor:
-    """[layers, tokens, neurons]: ``a · ∂log p/∂a`` or, for ``prob``, that × p(target) (chain rule)."""
-    if trace.attributions is None:
+def attribution_scale(trace, kind: str = "logprob") -> float:
+    """What the trace's ``a · ∂log p/∂a`` is multiplied by: 1, or p(target) for ``prob`` (chain rule)."""
+    if not trace.has_attribution:
         raise ValueError("the trace has no attribution")
-    attr = trace.attributions
-    if kind == "prob":
-        attr = attr * float(trace.target_prob)
-    return attr
+    return float(trace.target_prob) if kind == "prob" else 1.0
 
 
-def attribution_rows(attr: torch.Tensor, acts: torch.Tensor, k: int = 1000, skip_sink: bool = True) -> pd.DataFrame:
+def attribution_rows(trace, kind: str = "logprob", k: int = 1000, skip_sink: bool = True) -> pd.DataFrame:
     """The top-``k`` (layer, token, neuron) cells by |attribution|; columns :data:`ROW_COLUMNS`
     (``value`` = attribution, ``activation`` = the raw activation whose sign is the polarity)."""
-    a = attr.float()
-    keep = token_mask(a.shape[1], (SINK,) if skip_sink else ())
-    flat = a.masked_fill(~keep[None, :, None], 0.0).reshape(-1)
-    k = min(int(k), flat.numel())
-    idx = torch.topk(flat.abs(), k).indices  # [k]
-    n_tok, n_neu = a.shape[1], a.shape[2]
-    layer = idx // (n_tok * n_neu)
-    tok = (idx // n_neu) % n_tok
-    neuron = idx % n_neu
-    raw = acts[layer, tok, neuron].numpy()
+    scale = attribution_scale(trace, kind)
+    cells = trace.top_cells("attributions", k, (SINK,) if skip_sink else ())
+    layer = np.array([c["layer"] for c in cells], np.int64)
+    tok = np.array([c["token_index"] for c in cells], np.int64)
+    neuron = np.array([c["neuron"] for c in cells], np.int64)
+    value = np.array([c["value"] for c in cells], np.float32) * np.float32(scale)
+    raw = trace.cells("activations", layer, tok, neuron) if len(cells) else np.zeros(0, np.float32)
     df = pd.DataFrame({
-        "layer": layer.numpy().astype(np.int64), "neuron": neuron.numpy().astype(np.int64),
-        "polarity": np.where(raw >= 0, 1, -1).astype(np.int64), "token_index": tok.numpy().astype(np.int64),
-        "value": flat[idx].numpy().astype(np.float64), "activation": raw.astype(np.float64),
+        "layer": layer, "neuron": neuron, "polarity": np.where(raw >= 0, 1, -1).astype(np.int64), "token_index": tok,
+        "value": value.astype(np.float64), "activation": raw.astype(np.float64),
     })
     return df[df["value"] != 0].reset_index(drop=True)
 
 
-def activation_heatmap(norm: torch.Tensor, threshold: float, skip_sink: bool = True) -> pd.DataFrame:
+def activation_heatmap(trace, view, threshold: float, skip_sink: bool = True) -> pd.DataFrame:
     """Long table (layer, token_index, sum_abs, count): per layer and token, Σ|n| and the number
-    of neurons with |n| ≥ ``threshold`` (Σ over those neurons only). Token 0 dropped when skipped."""
-    mag = norm.abs()
-    over = mag >= threshold
-    sum_abs = (mag * over).sum(-1)  # [layers, tokens]
-    count = over.sum(-1)
-    return _long(sum_abs, count, token_mask(norm.shape[1], (SINK,) if skip_sink else ()))
+    of neurons with |n| ≥ ``threshold`` (Σ over those neurons only). Token 0 dropped when skipped.
+    One layer at a time (:meth:`engine.trace.Trace.map_layers`)."""
+    def reduce(layer: int, acts: torch.Tensor):
+        mag = normalise_layer(acts, view, layer).abs()
+        over = mag >= threshold
+        return (mag * over).sum(-1), over.sum(-1)
+
+    got = trace.map_layers("activations", reduce)
+    sum_abs = torch.stack([got[l][0] for l in sorted(got)])  # [layers, tokens]
+    count = torch.stack([got[l][1] for l in sorted(got)])
+    return _long(sum_abs, count, token_mask(sum_abs.shape[1], (SINK,) if skip_sink else ()))
 
 
-def attribution_heatmap(attr: torch.Tensor, rows: pd.DataFrame, skip_sink: bool = True) -> pd.DataFrame:
+def attribution_heatmap(trace, kind: str, rows: pd.DataFrame, skip_sink: bool = True) -> pd.DataFrame:
     """Long table (layer, token_index, sum_abs, count): Σ|attribution| over all neurons, and how
     many of the top cells (``rows``) fall in each (layer, token)."""
-    sum_abs = attr.float().abs().sum(-1)  # [layers, tokens]
+    sum_abs = trace.abs_sums("attributions").float() * attribution_scale(trace, kind)  # [layers, tokens]
     count = torch.zeros_like(sum_abs, dtype=torch.long)
     if len(rows):
         li = torch.as_tensor(rows["layer"].to_numpy(copy=True))
         ti = torch.as_tensor(rows["token_index"].to_numpy(copy=True))
         count.index_put_((li, ti), torch.ones(len(rows), dtype=torch.long), accumulate=True)
-    return _long(sum_abs, count, token_mask(attr.shape[1], (SINK,) if skip_sink else ()))
+    return _long(sum_abs, count, token_mask(sum_abs.shape[1], (SINK,) if skip_sink else ()))
 
 
 def _long(sum_abs: torch.Tensor, count: torch.Tensor, keep: torch.Tensor) -> pd.DataFrame:

@@ -18,7 +18,8 @@ import streamlit as st
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_MAX_NEW_TOKENS = 64
 ATTRIBUTION_TOP_K = 1000  # (layer, token, neuron) cells kept in attribution mode
-TRACE_MEMO_SIZE = 6  # traces kept per session
+TRACE_MEMO_SIZE = 6  # traces kept per session …
+TRACE_MEMO_BYTES = 200 * 2**20  # … while they hold at most this much (engine.trace.Trace.nbytes), the newest always
 
 
 # --------------------------------------------------------------------------- conversation
@@ -97,7 +98,10 @@ def get_trace(lm, chat: list[dict], target: int | None = None, distractor: str |
     timings()["trace_s"] = time.perf_counter() - t0
     timings()["trace_kind"] = "activation" if target is None else "attribution"
     memo[key] = trace
-    while len(memo) > TRACE_MEMO_SIZE:
+    def held() -> int:
+        return sum(t.nbytes() for t in memo.values())
+
+    while len(memo) > TRACE_MEMO_SIZE or (len(memo) > 1 and held() > TRACE_MEMO_BYTES):
         memo.popitem(last=False)
     return trace
 

@@ -10,7 +10,9 @@ Provides:
 * :func:`neuron_extremes`: per neuron, the token where ``|n|`` is largest;
 * :func:`salient_neurons`: the neurons at or beyond a threshold, one per neuron at its most
   extreme token (the chat table's rows, the linter's activation mode, the neuron page);
-* :func:`top_cells`: the ``k`` (layer, token, neuron) cells with the largest ``|value|``.
+* :func:`top_cells`: the ``k`` (layer, token, neuron) cells with the largest ``|value|``;
+* :func:`side_maxima` / :func:`extremes_from_sides`: the same extremes from a compact per-layer
+  summary of raw activations (a trace too big to keep whole, :mod:`engine.trace`), for any view.
 
 Every place that says "normalised activation" (the chat table, the concept linter, the
 neuron page, the CLI) calls this module, so they agree on which neuron is "≥ 1".
@@ -105,6 +107,14 @@ def normalise(acts: torch.Tensor, view: "ActivationView | tuple | None") -> torc
     return torch.where(a >= 0, a / pos, a / neg)
 
 
+def normalise_layer(acts: torch.Tensor, view: "ActivationView | tuple | None", layer: int) -> torch.Tensor:
+    """``n`` ``[tokens, neurons]`` of one layer's ``acts`` ``[tokens, neurons]`` (:func:`normalise`)."""
+    if view is None:
+        return acts.float()
+    pos, neg = view.scales if isinstance(view, ActivationView) else view
+    return normalise(acts[None], (pos[layer:layer + 1], neg[layer:layer + 1]))[0]
+
+
 def token_mask(n_tokens: int, skip_tokens: Sequence[int] = (SINK,)) -> torch.Tensor:
     """[tokens] bool: True for the tokens a ranking may use (``skip_tokens`` left out, unless
     that would leave nothing)."""
@@ -147,7 +157,12 @@ def salient_neurons(norm: torch.Tensor, threshold: float = 1.0, skip_sink: bool 
                     limit: int | None = None) -> Salient:
     """The neurons whose ``|n|`` reaches ``threshold`` on some token, one per neuron at its
     most extreme token, strongest first (ties: layer, then neuron), at most ``limit``."""
-    tok, val = neuron_extremes(norm, skip_sink)
+    return salient_from_extremes(*neuron_extremes(norm, skip_sink), threshold, limit)
+
+
+def salient_from_extremes(tok: np.ndarray, val: np.ndarray, threshold: float = 1.0,
+                          limit: int | None = None) -> Salient:
+    """:func:`salient_neurons` from the per-neuron extremes (token, value) ``[layers, neurons]``."""
     layer, neuron = np.nonzero(np.abs(val) >= threshold)
     order = np.argsort(-np.abs(val[layer, neuron]), kind="stable")
     total = len(order)
@@ -174,3 +189,62 @@ def top_cells(values: torch.Tensor, k: int, skip_tokens: Sequence[int] = (),
         tok, neuron = divmod(rest, n_neu)
         out.append({"layer": layer, "neuron": neuron, "token_index": tok, "value": float(flat[i])})
     return out
+
+
+def merge_top(values: torch.Tensor, layer: torch.Tensor, token: torch.Tensor, neuron: torch.Tensor,
+              k: int) -> list[dict]:
+    """The ``k`` candidates with the largest ``|value|`` as :func:`top_cells`' dicts (candidates from
+    several layers' own top cells: the global top ``k`` is among them)."""
+    k = min(int(k), values.numel())
+    idx = torch.topk(values.abs(), k).indices.tolist()
+    return [{"layer": int(layer[i]), "neuron": int(neuron[i]), "token_index": int(token[i]),
+             "value": float(values[i])} for i in idx]
+
+
+def side_maxima(acts: torch.Tensor, first: int = 1) -> tuple[torch.Tensor, ...]:
+    """Per neuron of one layer's raw ``acts`` ``[tokens, neurons]``, over tokens ``first…``: the largest
+    value ``≥ 0`` and its (first) token, the smallest value ``< 0`` and its (first) token; a side
+    with no such token has token −1 (value 0). Dividing by a positive divisor keeps the order, so
+    these give :func:`neuron_extremes` under any view (:func:`extremes_from_sides`)."""
+    a = acts[first:].float()
+    if a.shape[0] == 0:
+        z = torch.zeros(acts.shape[1])
+        return z, torch.full_like(z, -1, dtype=torch.int32), z.clone(), torch.full_like(z, -1, dtype=torch.int32)
+    pos = torch.where(a >= 0, a, torch.tensor(-1.0))
+    pv, pt = pos.max(dim=0)  # torch returns the first index of a tie
+    neg = torch.where(a < 0, a, torch.tensor(1.0))
+    nv, nt = neg.min(dim=0)
+    pt = torch.where(pv >= 0, pt + first, -1).to(torch.int32)
+    nt = torch.where(nv < 0, nt + first, -1).to(torch.int32)
+    return pv.clamp(min=0), pt, nv.clamp(max=0), nt
+
+
+def _divide(a: torch.Tensor, view, scale_index: int) -> torch.Tensor:
+    if view is None:
+        return a
+    scales = view.scales if isinstance(view, ActivationView) else view
+    return a / torch.from_numpy(np.ascontiguousarray(scales[scale_index], np.float32))
+
+
+def extremes_from_sides(pos_val: torch.Tensor, pos_tok: torch.Tensor, neg_val: torch.Tensor, neg_tok: torch.Tensor,
+                        sink: torch.Tensor, n_tokens: int, view=None,
+                        skip_sink: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`neuron_extremes` of the normalised activations, from :func:`side_maxima` of every layer
+    (``[layers, neurons]`` each, over tokens 1…) and the sink's raw values ``sink`` ``[layers, neurons]``."""
+    skip = skip_sink and n_tokens > 1  # token_mask keeps the sink when it is the only token
+    n_pos = torch.where(pos_tok >= 0, _divide(pos_val, view, 0), torch.tensor(-1.0))  # |n| on the positive side
+    n_neg = torch.where(neg_tok >= 0, _divide(neg_val, view, 1), torch.tensor(1.0))  # n (< 0) on the negative side
+    take_pos = (n_pos > -n_neg) | ((n_pos == -n_neg) & ((pos_tok < neg_tok) | (neg_tok < 0)))
+    mag = torch.where(take_pos, n_pos, -n_neg)
+    val = torch.where(take_pos, n_pos, n_neg)
+    tok = torch.where(take_pos, pos_tok, neg_tok).long()
+    if not skip:
+        s = sink.float()
+        n0 = torch.where(s >= 0, _divide(s, view, 0), _divide(s, view, 1))
+        first = n0.abs() >= mag
+        tok, val, mag = torch.where(first, 0, tok), torch.where(first, n0, val), torch.where(first, n0.abs(), mag)
+    # every |n| is 0 (or the neuron has no kept token): argmax is the first kept token, n there is 0
+    zero = mag <= 0
+    tok = torch.where(zero, 1 if skip else 0, tok)
+    val = torch.where(zero, torch.tensor(0.0), val)
+    return tok.numpy(), val.numpy()

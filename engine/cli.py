@@ -106,7 +106,7 @@ def cmd_trace(args) -> int:
         "tokens": trace.tokens,
         "top_activations": trace.top_activations(args.top, skip_tokens=skip),
     }
-    if trace.attributions is not None:
+    if trace.has_attribution:
         if trace.target_index is not None:
             result["target_index"] = trace.target_index
             result["target_token"] = trace.tokens[trace.target_index]

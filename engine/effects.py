@@ -36,12 +36,12 @@ DEFAULT_BATCH = 16
 
 def predicted_effect(trace, cells: Sequence[Cell]) -> float:
     """The attribution's linear prediction of suppressing ``cells``: ``−Σ A[l, t, n]``."""
-    if trace.attributions is None:
+    if not trace.has_attribution:
         raise MonitorError("This trace has no attribution: pick a target token first.")
     if not cells:
         return 0.0
-    idx = torch.tensor(list(cells), dtype=torch.long)
-    return -float(trace.attributions[idx[:, 0], idx[:, 1], idx[:, 2]].double().sum())
+    idx = np.asarray(list(cells), dtype=np.int64)
+    return -float(trace.cells("attributions", idx[:, 0], idx[:, 1], idx[:, 2]).astype(np.float64).sum())
 
 
 def _row_hooks(lm, plan: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -150,21 +150,14 @@ def faithfulness(lm, trace, k: int = 20, extra: Sequence[tuple[str, Sequence[Cel
     either side is constant)."""
     from scipy.stats import pearsonr, spearmanr
 
-    if trace.attributions is None:
+    if not trace.has_attribution:
         raise MonitorError("This trace has no attribution: pick a target token first.")
     if int(k) < 1 and not extra:
         raise MonitorError("Faithfulness needs at least one neuron: k must be at least 1.")
-    attr = trace.attributions.clone()
-    for t in skip_tokens:
-        if t < attr.shape[1]:
-            attr[:, t] = 0
-    flat = attr.abs().reshape(-1)
-    top = torch.topk(flat, min(max(int(k), 0), flat.numel())).indices.tolist()
-    n_tok, n_neu = attr.shape[1], attr.shape[2]
+    top = trace.top_cells("attributions", max(int(k), 0), skip_tokens) if int(k) > 0 else []
     named: list[tuple[str, str, list[Cell]]] = []
-    for i in top:
-        layer, rest = divmod(i, n_tok * n_neu)
-        tok, neuron = divmod(rest, n_neu)
+    for c in top:
+        layer, tok, neuron = c["layer"], c["token_index"], c["neuron"]
         named.append((f"L{layer}/N{neuron} @ token {tok}", "neuron", [(layer, tok, neuron)]))
     named += [(str(name), "cluster", [tuple(c) for c in cells]) for name, cells in extra]
     measured = suppression_effects(lm, trace, [c for _, _, c in named], batch_size, progress)

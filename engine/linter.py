@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .activation_view import ActivationView, token_mask
+from .activation_view import ActivationView, normalise_layer, token_mask
 from .specs import ConceptSpec
 from .errors import MonitorError
 from .steering import TokenRange
@@ -112,24 +112,16 @@ def important_neurons(trace, mode: str = "attribution", k: int = DEFAULT_TOP_K, 
         raise MonitorError(f"Unknown linter mode {mode!r}: use attribution or activation.")
     if int(k) < 1:
         raise MonitorError("The linter needs k of at least 1 neuron.")
-    acts = trace.activations  # [layers, tokens, neurons]
     hits: dict[tuple[int, int, int], NeuronHit] = {}
     if mode == "attribution":
-        if trace.attributions is None:
+        if not trace.has_attribution:
             raise MonitorError("This trace has no attribution: pick a target token, or lint by activation.")
-        attr = trace.attributions.float().clone()
-        skip = [t for t in skip_tokens if t < attr.shape[1]]
-        if skip:
-            attr[:, skip, :] = 0
-        flat = attr.abs().reshape(-1)
-        top = torch.topk(flat, min(int(k), flat.numel()))
-        n_tok, n_neu = attr.shape[1], attr.shape[2]
-        for value, i in zip(top.values.tolist(), top.indices.tolist()):
-            if value <= 0:
-                break
-            layer, rest = divmod(i, n_tok * n_neu)
-            tok, neuron = divmod(rest, n_neu)
-            pol = 1 if float(acts[layer, tok, neuron]) >= 0 else -1
+        top = [c for c in trace.top_cells("attributions", int(k), skip_tokens) if abs(c["value"]) > 0]
+        acts = trace.cells("activations", *(np.array([c[f] for c in top], np.int64)
+                                            for f in ("layer", "token_index", "neuron"))) if top else []
+        for c, a in zip(top, acts):
+            layer, tok, neuron, value = c["layer"], c["token_index"], c["neuron"], abs(c["value"])
+            pol = 1 if float(a) >= 0 else -1
             h = hits.setdefault((layer, neuron, pol), NeuronHit(layer, neuron, pol, 0.0))
             h.weight += value
             h.tokens[tok] = h.tokens.get(tok, 0.0) + value
@@ -137,22 +129,24 @@ def important_neurons(trace, mode: str = "attribution", k: int = DEFAULT_TOP_K, 
         if scale is None:
             raise MonitorError("Linting by activation needs the neurons' quantiles: open a neuron database.")
         view = scale if isinstance(scale, ActivationView) else ActivationView.from_quantiles(*scale)
-        norm = view.normalise(acts)  # [layers, tokens, neurons]
-        keep = token_mask(norm.shape[1], skip_tokens)
-        norm = norm.masked_fill(~keep[None, :, None], 0.0)
-        sides = torch.stack([norm.clamp(min=0), (-norm).clamp(min=0)])  # [2, layers, tokens, neurons]
-        best, _ = sides.max(dim=2)  # [2, layers, neurons]
+        best = trace.sides(view, skip_tokens)  # [2, layers, neurons]: largest max(n, 0) and max(−n, 0)
         flat = best.reshape(-1)
         order = torch.argsort(flat, descending=True)[: int(k)]
         n_layers, n_neu = best.shape[1], best.shape[2]
+        chosen = []
         for i in order.tolist():
             value = float(flat[i])
             if value < min_normalised or value <= 0:
                 break
             side, rest = divmod(i, n_layers * n_neu)
-            layer, neuron = divmod(rest, n_neu)
+            chosen.append((side, *divmod(rest, n_neu), value))
+        rows = trace.neuron_rows("activations", {(layer, neuron) for _, layer, neuron, _ in chosen})
+        keep = token_mask(trace.shape[1], skip_tokens)
+        for side, layer, neuron, value in chosen:
+            col = normalise_layer(rows[(layer, neuron)][:, None], (view.pos[:, [neuron]], view.neg[:, [neuron]]),
+                                  layer)[:, 0].masked_fill(~keep, 0.0)
+            col = col.clamp(min=0) if side == 0 else (-col).clamp(min=0)
             pol = 1 if side == 0 else -1
-            col = sides[side, layer, :, neuron]
             toks = {int(t): float(col[t]) for t in torch.nonzero(col >= min_normalised).flatten().tolist()}
             hits[(layer, neuron, pol)] = NeuronHit(layer, neuron, pol, value, toks)
     return sorted(hits.values(), key=lambda h: (-h.weight, h.layer, h.neuron, -h.polarity))
@@ -484,6 +478,8 @@ def causal_check(lm, trace, report: LintReport, n_null: int = DEFAULT_NULL_SETS,
     """
     import time
 
+    import torch
+
     from .controls import matched_controls
     from .effects import predicted_effect, suppression_effects
     from .stats import null_position
@@ -494,12 +490,12 @@ def causal_check(lm, trace, report: LintReport, n_null: int = DEFAULT_NULL_SETS,
     if int(n_null) < DEFAULT_NULL_SETS:
         raise MonitorError(f"The causal check needs at least {DEFAULT_NULL_SETS} random sets; got {n_null}.")
     t0 = time.perf_counter()
-    acts = trace.activations.abs().double()  # [layers, tokens, neurons]
     groups, spans = [], []
+    toks = [sorted({t for _, t, _ in cluster_cells(c)}) for c in report.clusters]
+    got = trace.map_layers("activations", lambda l, a: [a[ts].abs().double().sum(dim=0) for ts in toks])  # by layer
     for k, c in enumerate(report.clusters):
         cells = cluster_cells(c)
-        toks = sorted({t for _, t, _ in cells})
-        mass = acts[:, toks, :].sum(dim=1).numpy()  # [layers, neurons]
+        mass = torch.stack([got[l][k] for l in sorted(got)]).numpy()  # [layers, neurons]
         ivs = [Intervention([(h.layer, h.neuron, h.polarity)], "scale", factor=0.0,
                             tokens=TokenRange("positions", tuple(sorted(h.tokens)))) for h in c.members]
         controls = matched_controls(ivs, lm.n_neurons, int(n_null), seed=seed + 1000 * k, mass=mass)

@@ -42,6 +42,14 @@ def test_normalise_divides_each_side_by_its_quantile_and_keeps_the_sign():
     assert torch.equal(normalise(acts, None), acts)
 
 
+def _trace(acts, attr=None, target_prob=None):
+    """A whole (dense) trace holding these tensors."""
+    from engine.trace import Trace
+
+    return Trace(rendered=None, activations=acts, top_next=[], next_token_prob=[], attributions=attr,
+                 target_prob=target_prob)
+
+
 def test_activation_rows_one_row_per_neuron_at_its_extreme_token():
     norm = torch.zeros(2, 4, 3)  # [layers, tokens, neurons]
     norm[0, 0, 0] = 50.0  # the sink
@@ -50,14 +58,16 @@ def test_activation_rows_one_row_per_neuron_at_its_extreme_token():
     norm[1, 1, 2] = -3.0
     norm[1, 3, 1] = 0.9  # under the threshold
     acts = norm * 10
-    rows, total = ranking.activation_rows(norm, acts, threshold=1.0, skip_sink=True)
+    view = (np.full((2, 3), 10, np.float32), np.full((2, 3), 10, np.float32))  # n = a ÷ 10
+    T = _trace(acts)
+    rows, total = ranking.activation_rows(T, view, threshold=1.0, skip_sink=True)
     assert total == 2
     assert rows[["layer", "neuron", "token_index", "polarity"]].values.tolist() == [[1, 2, 1, -1], [0, 0, 2, 1]]
     assert rows["value"].tolist() == pytest.approx([-3.0, 1.5])
     assert rows["activation"].tolist() == pytest.approx([-30.0, 15.0])
-    rows, total = ranking.activation_rows(norm, acts, threshold=1.0, skip_sink=False)
+    rows, total = ranking.activation_rows(T, view, threshold=1.0, skip_sink=False)
     assert rows.iloc[0][["layer", "neuron", "token_index"]].tolist() == [0, 0, 0] and total == 2
-    rows, total = ranking.activation_rows(norm, acts, threshold=0.5, skip_sink=True, limit=2)
+    rows, total = ranking.activation_rows(T, view, threshold=0.5, skip_sink=True, limit=2)
     assert total == 3 and len(rows) == 2
 
 
@@ -65,35 +75,34 @@ def test_attribution_rows_match_the_engine_top_cells():
     g = torch.Generator().manual_seed(0)
     attr = torch.randn(3, 5, 7, generator=g)
     acts = torch.randn(3, 5, 7, generator=g)
-    rows = ranking.attribution_rows(attr, acts, k=20, skip_sink=False)
+    rows = ranking.attribution_rows(_trace(acts, attr), "logprob", k=20, skip_sink=False)
     ref = top_cells(attr, 20, ())
     assert rows[["layer", "token_index", "neuron"]].values.tolist() == [[c["layer"], c["token_index"], c["neuron"]]
                                                                           for c in ref]
     assert rows["value"].tolist() == pytest.approx([c["value"] for c in ref])
     expected_pol = [1 if acts[c["layer"], c["token_index"], c["neuron"]] >= 0 else -1 for c in ref]
     assert rows["polarity"].tolist() == expected_pol
-    skipped = ranking.attribution_rows(attr, acts, k=20, skip_sink=True)
+    skipped = ranking.attribution_rows(_trace(acts, attr), "logprob", k=20, skip_sink=True)
     assert (skipped["token_index"] != 0).all() and len(skipped) == 20
 
 
 def test_attribution_prob_is_logprob_times_target_probability():
-    class T:
-        attributions = torch.tensor([[[2.0, -4.0]]])
-        target_prob = 0.25
-
-    assert ranking.attribution_values(T, "prob").tolist() == [[[0.5, -1.0]]]
-    assert ranking.attribution_values(T, "logprob").tolist() == [[[2.0, -4.0]]]
+    T = _trace(torch.tensor([[[1.0, 1.0], [1.0, -1.0]]]), torch.tensor([[[0.0, 0.0], [2.0, -4.0]]]), 0.25)
+    assert ranking.attribution_rows(T, "prob", skip_sink=False)["value"].tolist() == [-1.0, 0.5]
+    assert ranking.attribution_rows(T, "logprob", skip_sink=False)["value"].tolist() == [-4.0, 2.0]
+    assert ranking.attribution_heatmap(T, "prob", pd.DataFrame({"layer": [], "token_index": []}),
+                                       skip_sink=False)["sum_abs"].tolist() == [0.0, 1.5]
 
 
 def test_heatmaps_sum_and_count():
     norm = torch.tensor([[[2.0, -0.5, 1.0], [0.2, 0.1, -3.0]]])  # [1, 2 tokens, 3 neurons]
-    heat = ranking.activation_heatmap(norm, threshold=1.0, skip_sink=False)
+    heat = ranking.activation_heatmap(_trace(norm), None, threshold=1.0, skip_sink=False)
     assert heat["sum_abs"].tolist() == pytest.approx([3.0, 3.0])
     assert heat["count"].tolist() == [2, 1]
-    assert ranking.activation_heatmap(norm, 1.0, skip_sink=True)["token_index"].tolist() == [1]
+    assert ranking.activation_heatmap(_trace(norm), None, 1.0, skip_sink=True)["token_index"].tolist() == [1]
     attr = torch.tensor([[[1.0, -2.0], [0.5, 0.5]]])
     rows = pd.DataFrame({"layer": [0, 0], "token_index": [0, 0]})
-    ah = ranking.attribution_heatmap(attr, rows, skip_sink=False)
+    ah = ranking.attribution_heatmap(_trace(attr, attr), "logprob", rows, skip_sink=False)
     assert ah["sum_abs"].tolist() == pytest.approx([3.0, 1.0]) and ah["count"].tolist() == [2, 0]
 
 
@@ -156,7 +165,7 @@ def test_token_chart_marks_the_target_and_carries_the_top5():
 def test_every_chart_builder_gives_a_valid_vega_lite_spec():
     """The pages skip Altair's validation when rendering (charts.unvalidated); it runs here instead."""
     tokens = ["<s>", "Which", " is", "\n", " bigger"]
-    heat = ranking.activation_heatmap(torch.randn(3, 5, 4), threshold=0.5, skip_sink=True)
+    heat = ranking.activation_heatmap(_trace(torch.randn(3, 5, 4)), None, threshold=0.5, skip_sink=True)
     rows = pd.DataFrame({"layer": [0, 2], "neuron": [1, 3], "polarity": [1, -1], "token_index": [1, 4],
                          "value": [2.0, -1.5], "activation": [1.0, -1.0], "summary": ["a", None],
                          "token": ["1: 'Which'", "4: ' bigger'"]})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -160,11 +159,13 @@ def test_offline_report_ranks_and_maps_clusters():
 
 
 def test_important_neurons_by_attribution_and_activation():
+    from engine.trace import Trace
+
     acts = torch.zeros(2, 4, 3)
     acts[0, 1, 2], acts[1, 2, 0], acts[1, 3, 0], acts[0, 0, 1] = 5.0, -4.0, 2.0, 999.0  # token 0: the sink
     attr = torch.zeros(2, 4, 3)
     attr[0, 1, 2], attr[1, 2, 0], attr[1, 3, 0], attr[0, 0, 1] = 0.5, -0.3, 0.2, 9.0
-    trace = SimpleNamespace(activations=acts, attributions=attr)
+    trace = Trace(rendered=None, activations=acts, top_next=[], next_token_prob=[], attributions=attr)
     hits = important_neurons(trace, "attribution", k=10)
     assert [(h.key, round(h.weight, 6), h.tokens) for h in hits] == [
         ((0, 2, 1), 0.5, {1: 0.5}), ((1, 0, -1), 0.3, {2: pytest.approx(0.3)}), ((1, 0, 1), 0.2, {3: pytest.approx(0.2)})]
@@ -175,7 +176,7 @@ def test_important_neurons_by_attribution_and_activation():
     with pytest.raises(MonitorError, match="quantiles"):
         important_neurons(trace, "activation")
     with pytest.raises(MonitorError, match="no attribution"):
-        important_neurons(SimpleNamespace(activations=acts, attributions=None), "attribution")
+        important_neurons(Trace(rendered=None, activations=acts, top_next=[], next_token_prob=[]), "attribution")
 
 
 # --------------------------------------------------------------------------- the spurious flag (real embedder)
@@ -250,8 +251,7 @@ def test_linter_and_chat_table_select_the_same_neurons(lm, db):
     for scale in (view, (q_hi, q_lo)):
         v = scale if not isinstance(scale, tuple) else type(view).from_quantiles(*scale)
         for threshold in (1.0, 0.5):
-            rows, total = activation_rows(v.normalise(trace.activations), trace.activations, threshold,
-                                          skip_sink=True, limit=10**6)
+            rows, total = activation_rows(trace, v, threshold, skip_sink=True, limit=10**6)
             hits = important_neurons(trace, "activation", k=10**6, scale=scale, min_normalised=threshold)
             assert total == len(rows) > 0
             assert {(h.layer, h.neuron) for h in hits} == set(zip(rows["layer"], rows["neuron"]))

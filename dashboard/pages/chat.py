@@ -14,7 +14,6 @@ import streamlit as st
 from dashboard import charts, highlight, hosted, links, ranking, resources, session, steering_specs, widgets
 from dashboard import faithfulness_panel, linter_panel, steering_panel  # noqa: F401  (they register their panels, in this order)
 from dashboard.panels import CHAT_PANELS, ChatContext, panel_key
-from engine.activation_view import normalise
 from engine.errors import MonitorError
 
 MODES = ["Activation", "Attribution"]
@@ -268,11 +267,10 @@ with c_a:
 heat = None
 note, note_kind = "", "markdown"
 if mode == "Activation":
-    norm = session.session_memo("norm", (tkey, view is not None), lambda: normalise(fwd.activations, view), 2)
     rows, total = session.session_memo("act_rows", (tkey, view is not None, threshold, skip_sink),
-                                     lambda: ranking.activation_rows(norm, fwd.activations, threshold, skip_sink))
+                                     lambda: ranking.activation_rows(fwd, view, threshold, skip_sink))
     heat = session.session_memo("act_heat", (tkey, view is not None, threshold, skip_sink),
-                              lambda: ranking.activation_heatmap(norm, threshold, skip_sink))
+                              lambda: ranking.activation_heatmap(fwd, view, threshold, skip_sink))
     note = (f"**{total:,}** neurons reach |{value_title}| ≥ {threshold:g}"
             + (f" (showing the strongest {len(rows):,})" if total > len(rows) else "")
             + (" · token 0 excluded" if skip_sink else "") + ". One row per neuron, at its most extreme token.")
@@ -303,12 +301,12 @@ else:
             note, note_kind = str(err), "error"
     if target_trace is not None:
         akey = session.trace_key(lm, chat, target if objective != "answer" else None, okey)
-        attr = ranking.attribution_values(target_trace, objective if objective in ("logprob", "prob") else "logprob")
+        kind = objective if objective in ("logprob", "prob") else "logprob"
         rows = session.session_memo("attr_rows", (akey, objective, skip_sink),
-                                  lambda: ranking.attribution_rows(attr, target_trace.activations,
-                                                                   session.ATTRIBUTION_TOP_K, skip_sink))
+                                  lambda: ranking.attribution_rows(target_trace, kind, session.ATTRIBUTION_TOP_K,
+                                                                   skip_sink))
         heat = session.session_memo("attr_heat", (akey, objective, skip_sink),
-                                  lambda: ranking.attribution_heatmap(attr, rows, skip_sink))
+                                  lambda: ranking.attribution_heatmap(target_trace, kind, rows, skip_sink))
         obj = target_trace.objective
         cells = (f"Top **{len(rows):,}** (layer, token, neuron) cells by |attribution|"
                  + (" · token 0 excluded" if skip_sink else "") + ".")
@@ -466,7 +464,7 @@ with strip_box:
     vals = None
     vtitle = "activation"
     if inspected is not None:
-        a = fwd.activations[inspected[0], :, inspected[1]]
+        a = fwd.neuron_row("activations", inspected[0], inspected[1])
         if view is not None:
             vals = view.value(inspected[0], inspected[1], a.numpy()).tolist()
             vtitle = f"L{inspected[0]}/N{inspected[1]} ÷ quantile"

@@ -149,7 +149,7 @@ else:
         st.error(str(err))
         trace = None
     if trace is not None:
-        a = trace.activations[layer, :, neuron].numpy().astype(np.float64)  # [tokens]
+        a = trace.neuron_row("activations", layer, neuron).numpy().astype(np.float64)  # [tokens]
         if view is not None:
             normed = view.value(layer, neuron, a)
         else:
