@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,7 @@ def run(until: str, port: int | None, keep: bool) -> dict:
 
     from cache.build_status import is_locked
     from tests.test_e2e_dashboard import (CHROMIUM, CHROMIUM_ARGS, _free_port, _open_chat, _send, _wait_for_trace,
-                                          wait_for_health)
+                                          stop_demo, wait_for_health)
 
     out: dict = {"benchmark": "clone", "host": platform.node(), "cpus": os.cpu_count(),
                  "load_avg_1m": round(os.getloadavg()[0], 2), "until": until}
@@ -126,15 +125,8 @@ def run(until: str, port: int | None, keep: bool) -> dict:
             out["build_peak_rss_mb"] = None
         out["stages_finished_at_s"] = _stage_times(clone, start)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_demo(proc, db)
         fh.close()
-        pid = _build_pid(db) if (clone / "data").exists() else None
-        if pid and is_locked(db):
-            os.kill(pid, signal.SIGTERM)
         if not keep:
             subprocess.run(["rm", "-rf", str(tmp)])
         else:

@@ -67,6 +67,25 @@ def wait_for_health(url: str, proc: subprocess.Popen, log: Path, timeout: float 
         time.sleep(0.5)
 
 
+def stop_demo(proc: subprocess.Popen, db: Path) -> None:
+    """Stop ``make demo`` (``proc``, started in its own session) and, if it still runs, the
+    background build of ``db`` it launched (which ``make demo`` detaches on purpose)."""
+    import signal
+
+    from cache.build_status import is_locked, read_status
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    record = read_status(db) if db.parent.exists() else None
+    pid = (record.launched or {}).get("pid") if record is not None else None
+    if pid and is_locked(db):
+        os.kill(pid, signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def streamlit_server(env_overrides: dict, log_dir: Path):
     """The real Streamlit server on a free port with ``env_overrides``; yields its URL."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_e2e_dashboard import (OUT, _free_port, _open_chat, _send, _wait_for_trace, browser,  # noqa: F401
-                                      wait_for_health)
+                                      stop_demo, wait_for_health)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_ARGS = "--profile tiny --n-sequences 48 --batch-size 8 --partial-n-sequences 24 --quiet"
@@ -117,13 +117,4 @@ def test_make_demo_from_a_clean_checkout_traces_before_the_build_and_shows_descr
         context.close()
     finally:
         hold.unlink(missing_ok=True)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        record = read_status(db)
-        pid = (record.launched or {}).get("pid") if record is not None else None
-        if pid and is_locked(db):
-            os.kill(pid, signal.SIGKILL)
+        stop_demo(proc, db)
