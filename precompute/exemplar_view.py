@@ -85,7 +85,9 @@ class ExemplarView:
         rid = state.random_ids.tolist()
         tr, te = random_split(len(rid))
         self.random_train_ids, self.random_test_ids = [rid[r] for r in tr], [rid[r] for r in te]
-        self._random_acts = state.random_acts[:, self.skip:].float().numpy()  # [R, T', F]
+        # [R, T', F] float16, a view (no copy): a float32 copy would be R·T'·F·4 bytes (2.3 GB at
+        # 458,752 neurons and 40 × 31 positions); each key's rows are converted when read (exactly).
+        self._random_acts = state.random_acts[:, self.skip:].numpy()
         self._random_train, self._random_test = np.asarray(tr, np.int64), np.asarray(te, np.int64)
         self.token_ids = np.asarray(corpus.token_ids)[:, self.skip:]  # [S, T']
         self._top_ids = state.top_ids.numpy()  # [2, F, K] (NumPy views: indexing them per key is cheaper)
@@ -114,7 +116,7 @@ class ExemplarView:
         n_top = len(ids)
         if with_random:
             ids = ids + self.random_train_ids
-            acts = np.concatenate([acts, self._random_acts[self._random_train, :, f]])
+            acts = np.concatenate([acts, self._random_acts[self._random_train, :, f].astype(np.float32)])
         return self._windows(ids, acts, n_top)
 
     def heldout(self, layer: int, neuron: int, polarity: int) -> Windows:
@@ -122,7 +124,7 @@ class ExemplarView:
         f = layer * self.n + neuron
         ids, acts = self._top(polarity, f, self.test_ranks)
         return self._windows(ids + self.random_test_ids,
-                             np.concatenate([acts, self._random_acts[self._random_test, :, f]]), len(ids))
+                             np.concatenate([acts, self._random_acts[self._random_test, :, f].astype(np.float32)]), len(ids))
 
     def features(self, layer: int, neurons, with_train: bool = True) -> Iterator[tuple]:
         """Yields (neuron, polarity, train tokens, train acts, held-out tokens, held-out acts) per
