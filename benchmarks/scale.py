@@ -210,7 +210,6 @@ def measure(model: str, db_path: str, queries: int, pages: int, chat_tokens: int
 
     from benchmarks.steering import time_generation
     from cache.db import open_database
-    from cache.embedder import embed
     from concepts.resolve import select_all
     from engine.loader import load_model
     from engine.specs import ConceptSpec, union
@@ -218,22 +217,14 @@ def measure(model: str, db_path: str, queries: int, pages: int, chat_tokens: int
     from engine.trace import run_trace
 
     out: dict = {}
-    db = open_database(db_path)
-    qs = [embed([q])[0] for q in QUERIES[: max(queries, 1)]]
-    out["embed_ms"] = round(_median_s(lambda: embed(["Bible verses"]), 5) * 1e3, 1)
-    db.semantic_search(qs[0], k=500)  # warm-up: loads the vector index
-    times = []
-    for q in qs:
-        t0 = time.perf_counter()
-        hits = db.semantic_search(q, k=500)
-        times.append(time.perf_counter() - t0)
-    out["search_ms"] = round(statistics.median(times) * 1e3, 1)
-    out["search_rows"] = db.counts()["embeddings"]  # what the search ranked: the described polarities
-    out["search_hits"] = len(hits)
 
-    described = json.loads(db.meta.get("described_layers") or "null") or list(range(db.n_layers))
-    out["neuron_page_ms"] = neuron_page_ms(model, db_path, described, db.n_neurons, pages)
+    def phase(name: str) -> None:  # progress on stderr: a long measurement says where it is
+        print(f"[benchmarks.scale {time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
 
+    db = None if db_path == "-" else open_database(db_path)
+    if db is not None:
+        out.update(search_and_page(db, db_path, model, queries, pages, phase))
+    phase("trace")
     lm = load_model(model)
     chat = chat_of_tokens(lm.tokenizer, chat_tokens)
     traces = []
@@ -249,9 +240,12 @@ def measure(model: str, db_path: str, queries: int, pages: int, chat_tokens: int
     out["trace_session_mb"] = round(session_bytes(trace) / 2**20, 1)
     del trace
 
-    sel = union(select_all(db, [ConceptSpec.parse(STEER_SPEC)]))
-    neurons = sorted({(l, n, p) for iv in sel.interventions for l, n, p in iv.neurons})
-    source = STEER_SPEC
+    phase("steering")
+    neurons, source = [], "random"
+    if db is not None:
+        sel = union(select_all(db, [ConceptSpec.parse(STEER_SPEC)]))
+        neurons = sorted({(l, n, p) for iv in sel.interventions for l, n, p in iv.neurons})
+        source = STEER_SPEC
     if len({(l, n) for l, n, _ in neurons}) < 500:
         rng = np.random.default_rng(0)
         flat = rng.choice(lm.n_layers * lm.n_neurons, size=500, replace=False)
@@ -261,7 +255,32 @@ def measure(model: str, db_path: str, queries: int, pages: int, chat_tokens: int
     out["steering"] = {"neurons": len({(l, n) for l, n, _ in neurons}), "neurons_source": source,
                        "tokens": gen_tokens, **gen,
                        "ratio": round(gen["steered"]["median_s"] / gen["unsteered"]["median_s"], 3)}
-    db.close()
+    if db is not None:
+        db.close()
+    return out
+
+
+def search_and_page(db, db_path: str, model: str, queries: int, pages: int, phase) -> dict:
+    """``embed_ms``, ``search_ms`` (top 500), ``search_rows`` and ``neuron_page_ms`` on ``db``."""
+    from cache.embedder import embed
+
+    phase("search")
+    out: dict = {}
+    qs = [embed([q])[0] for q in QUERIES[: max(queries, 1)]]
+    out["embed_ms"] = round(_median_s(lambda: embed(["Bible verses"]), 5) * 1e3, 1)
+    db.semantic_search(qs[0], k=500)  # warm-up: loads the vector index
+    times = []
+    for q in qs:
+        t0 = time.perf_counter()
+        hits = db.semantic_search(q, k=500)
+        times.append(time.perf_counter() - t0)
+    out["search_ms"] = round(statistics.median(times) * 1e3, 1)
+    out["search_rows"] = db.counts()["embeddings"]  # what the search ranked: the described polarities
+    out["search_hits"] = len(hits)
+
+    phase("neuron page")
+    described = json.loads(db.meta.get("described_layers") or "null") or list(range(db.n_layers))
+    out["neuron_page_ms"] = neuron_page_ms(model, db_path, described, db.n_neurons, pages)
     return out
 
 
@@ -299,9 +318,9 @@ def _child(args, shape: str, info: dict) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.scale", "--measure", info["model"], info["db"],
            "--queries", str(args.queries), "--pages", str(args.pages), "--chat-tokens", str(args.chat_tokens),
            "--repeats", str(args.repeats), "--gen-tokens", str(args.gen_tokens)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)  # its stderr (progress) passes through
     if res.returncode != 0:
-        raise SystemExit(f"measuring {shape} failed ({res.returncode}): {res.stderr[-2000:]}")
+        raise SystemExit(f"measuring {shape} failed ({res.returncode}); its errors are above.")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -332,7 +351,9 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default=None, help="models, build folders and databases (default data/scale)")
     p.add_argument("--reuse", action="store_true",
                    help="keep a shape's database (and its recorded build figures) from an earlier run with the same settings")
-    p.add_argument("--measure", nargs=2, metavar=("MODEL", "DB"), help=argparse.SUPPRESS)  # the child process
+    p.add_argument("--measure", nargs=2, metavar=("MODEL", "DB"),
+                   help="measure one model and database in this process (DB '-': no database, so only the trace "
+                        "and steering with 500 random neurons); what the driver runs per shape")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.measure:
