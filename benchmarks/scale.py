@@ -218,8 +218,9 @@ def measure(model: str, db_path: str, queries: int, pages: int, chat_tokens: int
 
     out: dict = {}
 
-    def phase(name: str) -> None:  # progress on stderr: a long measurement says where it is
-        print(f"[benchmarks.scale {time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
+    def phase(name: str) -> None:  # progress on stderr, with the figures so far: a long or killed run keeps them
+        print(f"[benchmarks.scale {time.strftime('%H:%M:%S')}] {name}; so far {json.dumps(out)}", file=sys.stderr,
+              flush=True)
 
     db = None if db_path == "-" else open_database(db_path)
     if db is not None:
