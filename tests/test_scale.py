@@ -3,9 +3,9 @@
 * the synthetic model loads through the normal loader, and a trace's activations at one layer
   equal ``act_fn(gate(x)) * up(x)`` computed by hand from the weights, with ``x`` the layer's
   post-attention-layernormed input captured by an independent forward hook (fast);
-* (slow) a small-corpus build at the full 458,752 neurons gives a database that passes the
-  precompute tests' checks (one score row per key and scorer, the main score is its row, no
-  stored zero) and the database's own validation (:func:`cache.db.open_database`).
+* (slow) a small-corpus build at the full 458,752 neurons (one layer described) gives a database
+  that passes the precompute tests' checks (one score row per key and scorer, the main score is
+  its row, no stored zero) and the database's own validation (:func:`cache.db.open_database`).
 """
 
 from __future__ import annotations
@@ -79,20 +79,25 @@ def test_unknown_shape_and_bad_hidden_are_one_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_full_neuron_count_build_passes_the_database_checks(synth_8b_dir, tmp_path_factory):
-    """A few windows of 16 tokens at 458,752 neurons: every stage runs at full width."""
+    """24 windows of 16 tokens at 458,752 neurons: the activation pass, exemplars, quantiles and
+    the database cover every neuron; one layer is described, scored and embedded (describing all
+    917,504 polarities is minutes of CPU per 100k, too long for a test: see the README's Scale)."""
     from cache.db import open_database
 
     path = build_db(str(synth_8b_dir), tmp_path_factory.mktemp("synth-db"), n_sequences=24, seq_len=16,
-                    batch_size=8, n_random=8, k=20)
+                    batch_size=8, n_random=8, layers="31")
     with open_database(path) as db:
         counts = db.counts()
-        assert int(db.meta["n_layers"]) * int(db.meta["n_neurons"]) == 458_752
+        assert (int(db.meta["n_layers"]), int(db.meta["n_neurons"])) == (32, 14336)
+        assert db.meta["described_layers"] == "[31]"
     con = duckdb.connect(str(path), read_only=True)
     try:
         n_neurons = con.execute("SELECT count(*) FROM neurons").fetchone()[0]
         n_desc = con.execute("SELECT count(*) FROM descriptions").fetchone()[0]
         n_quant = con.execute("SELECT count(DISTINCT (layer, neuron)) FROM quantiles").fetchone()[0]
+        n_exemplar_neurons = con.execute("SELECT count(DISTINCT (layer, neuron)) FROM exemplars").fetchone()[0]
     finally:
         con.close()
-    assert n_neurons == n_quant == 458_752 and n_desc == counts["embeddings"] == 2 * 458_752
+    assert n_quant == n_exemplar_neurons == 458_752
+    assert n_desc == counts["embeddings"] == n_neurons * 2 == 2 * 14_336
     assert_one_score_row_per_key(path)
