@@ -1,4 +1,5 @@
-"""``python -m engine``'s own commands: ``prepare`` (load, and for the embedded model convert once) and ``trace``.
+"""``python -m engine``'s own commands: ``prepare`` (load, and for the embedded model convert once), ``trace``
+and ``synth`` (a random-weight model with a real model's neuron count, :mod:`engine.synth`).
 
 Every :class:`~engine.errors.MonitorError` becomes one line on stderr and exit code 2.
 """
@@ -29,6 +30,19 @@ def cmd_prepare(args) -> int:
 
     lm = load_model(args.model)
     print(f"{lm.name}: {lm.n_layers} layers × {lm.n_neurons} neurons, ready ({lm.source})")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .loader import load_model
+    from .synth import check_activations, shape, write_model
+
+    sh = shape(args.shape)
+    out = write_model(args.shape, args.out, hidden=args.hidden, seed=args.seed, force=args.force)
+    lm = load_model(str(out))
+    stats = check_activations(lm)
+    print(f"{out}: synthetic {sh.name} ({lm.n_layers} layers × {lm.n_neurons} = {lm.n_layers * lm.n_neurons:,} neurons, "
+          f"hidden {lm.config.hidden_size}, seed {args.seed}); activations finite, std {stats['std']:.3g}")
     return 0
 
 
@@ -167,6 +181,16 @@ def build_parser(extra_commands=()) -> argparse.ArgumentParser:
     tr.add_argument("--generate", type=int, default=0, metavar="N", help="also generate N tokens greedily")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=cmd_trace)
+
+    from .synth import DEFAULT_HIDDEN, SHAPES
+
+    sy = sub.add_parser("synth", help="write a random-weight Llama with a real model's neuron count (scale rehearsals)")
+    sy.add_argument("--shape", required=True, choices=sorted(SHAPES), help="the MLP shape to copy")
+    sy.add_argument("--out", required=True, help="the model folder to write")
+    sy.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="residual stream width (a multiple of 64)")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    sy.set_defaults(func=cmd_synth)
 
     for register in extra_commands:
         register(sub)

@@ -114,12 +114,19 @@ class OutputTokens:
         if norm is not None and getattr(norm, "weight", None) is not None:
             self.w_u = self.w_u * norm.weight.detach().float()[None, :]
 
-    def layer(self, layer: int) -> tuple[list[list[str]], list[list[str]]]:
-        """(promotes, suppresses) per neuron of ``layer`` for polarity +1, ``n`` tokens each."""
+    def layer(self, layer: int, chunk: int = 2048) -> tuple[list[list[str]], list[list[str]]]:
+        """(promotes, suppresses) per neuron of ``layer`` for polarity +1, ``n`` tokens each.
+
+        The logits ``[vocab, neurons]`` are computed ``chunk`` neurons at a time: a whole layer
+        would be vocab × neurons floats at once (2.8 GB for 49,152 × 14,336, 7.3 GB at
+        Llama-3.1-8B's 128,256 × 14,336), for the same result."""
         w_out = self.lm.layers[layer].mlp.down_proj.weight.detach().float().to(self.w_u.device)  # [hidden, neurons]
-        logits = self.w_u @ w_out  # [vocab, neurons]
-        top = torch.topk(logits, self.n, dim=0).indices.T.tolist()  # [neurons, n]
-        bottom = torch.topk(-logits, self.n, dim=0).indices.T.tolist()
+        top, bottom = [], []
+        for a in range(0, w_out.shape[1], chunk):
+            logits = self.w_u @ w_out[:, a : a + chunk]  # [vocab, chunk]
+            top += torch.topk(logits, self.n, dim=0).indices.T.tolist()  # [chunk, n]
+            bottom += torch.topk(-logits, self.n, dim=0).indices.T.tolist()
+            del logits
         dec = self.lm.tokenizer.decode
         cache: dict[int, str] = {}
 

@@ -40,9 +40,15 @@ def auc_rows(pos: np.ndarray, neg: np.ndarray, pos_ok: np.ndarray | None = None,
 
 
 def score_keys(desc_vecs: np.ndarray, pos_ids: list[list[int]], neg_ids: list[int],
-               window_vecs: np.ndarray) -> np.ndarray:
+               window_vecs: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """AUC per description: ``desc_vecs`` [n, d] (unit rows), its held-out top windows' sequence
-    ids, the shared held-out random ids, ``window_vecs`` [S, d] (unit rows). float64 [n]."""
+    ids, the shared held-out random ids, ``window_vecs`` [S, d] (unit rows). float64 [n].
+
+    Rows go ``chunk`` at a time: the gathered window vectors are [rows, P, d] floats (440 MB for
+    one layer of 14,336 neurons × 2 polarities at once), the same result in bounded memory."""
+    if len(desc_vecs) > chunk:
+        return np.concatenate([score_keys(desc_vecs[a : a + chunk], pos_ids[a : a + chunk], neg_ids, window_vecs, chunk)
+                               for a in range(0, len(desc_vecs), chunk)])
     n = len(desc_vecs)
     width = max((len(p) for p in pos_ids), default=0)
     ids = np.zeros((n, max(width, 1)), np.int64)

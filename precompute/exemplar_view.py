@@ -85,7 +85,9 @@ class ExemplarView:
         rid = state.random_ids.tolist()
         tr, te = random_split(len(rid))
         self.random_train_ids, self.random_test_ids = [rid[r] for r in tr], [rid[r] for r in te]
-        self._random_acts = state.random_acts[:, self.skip:].numpy()  # [R, T', F] float16, a view (float32 per key)
+        # [R, T', F] float16, a view (no copy): a float32 copy would be R·T'·F·4 bytes (2.3 GB at
+        # 458,752 neurons and 40 × 31 positions); each key's rows are converted when read (exactly).
+        self._random_acts = state.random_acts[:, self.skip:].numpy()
         self._random_train, self._random_test = np.asarray(tr, np.int64), np.asarray(te, np.int64)
         self.token_ids = np.asarray(corpus.token_ids)[:, self.skip:]  # [S, T']
         self._top_ids = state.top_ids.numpy()  # [2, F, K] (NumPy views: indexing them per key is cheaper)

@@ -470,18 +470,25 @@ class Build:
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
     def run_embeddings(self) -> None:
-        """Stage 5: embed every corpus window (for the embedding scorer) and every description's
-        summary (for search and that scorer), in resumable chunks; bf16 where the CPU has it.
+        """Stage 5: embed every corpus window (for the embedding scorer) and every distinct
+        description summary (for search and that scorer), in resumable chunks; bf16 where the
+        CPU has it.
 
-        In bf16 a text's vector depends (within cosine 0.999) on which texts share its batch, so
-        a resumed build is byte-identical to an uninterrupted one only with the same ``--embed-chunk``."""
+        Each distinct summary is embedded once (``distinct-*.npy``, in first-occurrence order)
+        and ``summary-index.npy`` maps every description to its row: the same text always gets
+        the same vector, and a build whose neurons share summaries (many do: "never active",
+        and the same two tokens over and over at 458,752 neurons) embeds far fewer texts than it
+        has descriptions. In bf16 a text's vector depends (within cosine 0.999) on which texts
+        share its batch, so a resumed build is byte-identical to an uninterrupted one only with
+        the same ``--embed-chunk``."""
         from cache.embedder import embed, load_embedder
 
         chunk = self.cfg.embed_chunk
         load_embedder(self.cfg.embedding_model, bulk=True)  # fail early, before the progress bar
-        texts = {"windows": list(self.corpus.texts),
-                 "chunk": self.descriptions()["summary"].tolist()}  # see precompute.describe: the summary is embedded
-        bar = self._bar(sum(map(len, texts.values())), "embeddings (windows, then descriptions)")
+        # see precompute.describe: the summary is embedded
+        codes, distinct = pd.factorize(self.descriptions()["summary"], use_na_sentinel=False)
+        texts = {"windows": list(self.corpus.texts), "distinct": [str(t) for t in distinct]}
+        bar = self._bar(sum(map(len, texts.values())), "embeddings (windows, then distinct summaries)")
         step = 0
         for prefix, items in texts.items():
             for c in range((len(items) + chunk - 1) // chunk):
@@ -497,12 +504,20 @@ class Build:
                     _maybe_die("embeddings", step)
                 bar.update(len(part))
         bar.close()
-        self.mark("embeddings", {"n": len(texts["chunk"]), "n_windows": len(texts["windows"])})
+        index = self.root / "embeddings" / "summary-index.npy"
+        tmp = index.with_name(".summary-index.tmp.npy")
+        np.save(tmp, codes.astype(np.int32))
+        os.replace(tmp, index)
+        self.mark("embeddings", {"n": len(codes), "n_distinct": len(distinct), "n_windows": len(texts["windows"])})
 
     def embeddings(self, prefix: str = "chunk") -> np.ndarray:
         """The embeddings stage's vectors ``[rows, dim]``: descriptions (``chunk``, in description
-        order) or corpus windows (``windows``, in sequence order)."""
-        files = sorted((self.root / "embeddings").glob(f"{prefix}-*.npy"))
+        order, each its distinct summary's vector) or corpus windows (``windows``, in sequence order).
+        A build folder from before distinct summaries (``chunk-*.npy`` files) is read as it is."""
+        folder = self.root / "embeddings"
+        if prefix == "chunk" and (folder / "summary-index.npy").exists():
+            return self.embeddings("distinct")[np.load(folder / "summary-index.npy")]
+        files = sorted(folder.glob(f"{prefix}-*.npy"))
         return np.concatenate([np.load(f) for f in files])
 
     def run_scores(self) -> None:
