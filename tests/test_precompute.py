@@ -75,7 +75,11 @@ def assert_one_score_row_per_key(path: Path) -> None:
                               "AND x.polarity = d.polarity AND x.scorer = s.scorer").fetchone()[0]
         main = con.execute("SELECT count(*) FROM descriptions d JOIN scores x USING (layer, neuron, polarity) "
                            "WHERE x.scorer = d.score_scorer AND x.value IS NOT DISTINCT FROM d.score").fetchone()[0]
-        zeros = con.execute("SELECT count(*) FROM scores WHERE value = 0").fetchone()[0]
+        # the simulation's "no prediction" (a constant simulated activation) must be NULL; an
+        # embedding AUC of exactly 0 is a real measurement (every held-out window ranked below
+        # every random one), seen on the few windows of the scale test's build
+        zeros = con.execute("SELECT count(*) FROM scores WHERE value = 0 "
+                            "AND scorer LIKE 'offline-token-match%'").fetchone()[0]
     finally:
         con.close()
     names = [d["name"] for d in json.loads(meta["scorers"])]
