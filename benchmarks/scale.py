@@ -128,12 +128,10 @@ def chat_of_tokens(tokenizer, n_tokens: int) -> list[dict]:
 
 
 def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """:func:`benchmarks.trace.median_time` without its warm-up (a trace at 459k takes a minute here)."""
+    from benchmarks.trace import median_time
+
+    return median_time(fn, repeats, warm_up=False)
 
 
 def _stage_seconds(root: Path) -> dict:

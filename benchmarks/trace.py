@@ -44,8 +44,10 @@ PROMPT = [{"role": "user", "content": "Which is bigger: 9.8 or 9.11?"}]
 LINT_CHAT = PROMPT  # 45 tokens with the embedded model's template and default system prompt
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def median_time(fn, repeats: int, warm_up: bool = True) -> float:
+    """The median wall time of ``repeats`` calls of ``fn`` (after one untimed call with ``warm_up``)."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
