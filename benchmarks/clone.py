@@ -42,16 +42,6 @@ SETUP_S = 1800  # make setup from an empty .venv, then the server
 GOALS = {"clone_to_first_trace_s": 180, "clone_to_descriptions_s": 300, "build_peak_rss_mb": 2500}
 
 
-def _vm_hwm_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def _build_pid(db: Path) -> int | None:
     from cache.build_status import read_status
 
@@ -63,6 +53,7 @@ def run(until: str, port: int | None, keep: bool) -> dict:
     from playwright.sync_api import sync_playwright
 
     from cache.build_status import is_locked
+    from precompute.pipeline import peak_rss_mb
     from tests.test_e2e_dashboard import (CHROMIUM, CHROMIUM_ARGS, _free_port, _open_chat, _send, _wait_for_trace,
                                           stop_demo, wait_for_health)
 
@@ -89,7 +80,7 @@ def run(until: str, port: int | None, keep: bool) -> dict:
         nonlocal peak, build_pid
         build_pid = build_pid or (_build_pid(db) if (clone / "data").exists() else None)
         if build_pid:
-            peak = max(peak, _vm_hwm_mb(build_pid) or 0.0)
+            peak = max(peak, peak_rss_mb(build_pid) or 0.0)
 
     try:
         wait_for_health(url, proc, log, timeout=SETUP_S, tick=poll_peak)  # make setup, then the server

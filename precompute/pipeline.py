@@ -133,10 +133,11 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb() -> float | None:
-    """This process's peak resident set size in MB (``VmHWM`` from /proc; None off Linux)."""
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """The peak resident set size in MB of this process (or ``pid``): ``VmHWM`` from /proc; None
+    off Linux or once the process is gone."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
@@ -183,16 +184,16 @@ class Build:
         if self._lm is not None:
             return self._lm.n_layers, self._lm.n_neurons, str(self._lm.source)
         if self._facts is None:
-            from engine.loader import model_config, model_n_layers
+            from engine.loader import model_config
 
             try:
                 config, source = model_config(self.cfg.model)
             except MonitorError:
                 config = source = None  # loading the model says what is wrong (e.g. "Unknown model")
-            n = getattr(config, "intermediate_size", None)
-            if not isinstance(n, int):  # no readable Llama config: ask the model
-                return self.lm.n_layers, self.lm.n_neurons, str(self.lm.source)
-            self._facts = (model_n_layers(self.cfg.model), n, str(source))
+            n_layers, n = (getattr(config, key, None) for key in ("num_hidden_layers", "intermediate_size"))
+            if not (isinstance(n_layers, int) and n_layers > 0 and isinstance(n, int)):
+                return self.lm.n_layers, self.lm.n_neurons, str(self.lm.source)  # no readable Llama config
+            self._facts = (n_layers, n, str(source))
         return self._facts
 
     def release_model(self) -> None:
