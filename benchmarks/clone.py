@@ -10,9 +10,12 @@ the full one) and the Streamlit server. Debian's chromium (Playwright) then does
   ``setup_s`` is the part before the server answered, ``first_turn_s`` the turn itself.
 * ``clone_to_descriptions_s``: clone → the quick partial database open in that same browser
   session (its banner drawn: the page picked it up without a reload; goal ≤ 300 s).
-* ``build_peak_rss_mb``: the background build process's peak resident memory (``VmHWM`` from
-  ``/proc``, polled every second; the process builds both databases) — with ``--until full``
-  (the default) the whole build, else up to the partial database (``partial_build_peak_rss_mb``).
+* ``build_peak_rss_mb``: the background build's peak memory. The build process runs each stage
+  in a child process of its own (forked from a fork server), so this is the larger of the process
+  tree's summed ``Pss`` (shared pages counted once; sampled every second) and the largest single
+  process's ``VmHWM`` (exact). With ``--until full`` (the default) the whole build, else up to the
+  partial database (``partial_build_peak_rss_mb``); ``*_peak_tree_pss_mb``,
+  ``*_peak_one_process_mb`` and ``*_build_process_mb`` (the build process alone) beside it.
   ``clone_to_full_db_s``: clone → the full database written (``--until full``).
 
 Beside the totals, the parts measured in the same run: ``setup_s`` (clone → the server answering:
@@ -53,7 +56,7 @@ def run(until: str, port: int | None, keep: bool) -> dict:
     from playwright.sync_api import sync_playwright
 
     from cache.build_status import is_locked
-    from precompute.pipeline import peak_rss_mb
+    from precompute.pipeline import peak_rss_mb, process_tree, tree_pss_mb
     from tests.test_e2e_dashboard import (CHROMIUM, CHROMIUM_ARGS, _free_port, _open_chat, _send, _wait_for_trace,
                                           stop_demo, wait_for_health)
 
@@ -74,13 +77,27 @@ def run(until: str, port: int | None, keep: bool) -> dict:
     fh = open(log, "wb")
     proc = subprocess.Popen(["make", "demo", f"PORT={port}"], cwd=clone, env=env, stdout=fh, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    peak, build_pid = 0.0, None
+    peak = {"tree_pss": 0.0, "one_process": 0.0, "build_process": 0.0}
+    build_pid = None
 
     def poll_peak() -> None:
-        nonlocal peak, build_pid
+        nonlocal build_pid
         build_pid = build_pid or (_build_pid(db) if (clone / "data").exists() else None)
         if build_pid:
-            peak = max(peak, peak_rss_mb(build_pid) or 0.0)
+            peak["tree_pss"] = max(peak["tree_pss"], tree_pss_mb(build_pid) or 0.0)
+            peak["build_process"] = max(peak["build_process"], peak_rss_mb(build_pid) or 0.0)
+            for pid in process_tree(build_pid):
+                peak["one_process"] = max(peak["one_process"], peak_rss_mb(pid) or 0.0)
+            peak["one_process"] = max(peak["one_process"], _marker_peak(clone))  # a stage that ended between polls
+
+    def peaks(prefix: str) -> dict:
+        """The build's peak memory so far: ``<prefix>_peak_rss_mb`` the larger of the process
+        tree's summed PSS (sampled each second) and the largest one process's VmHWM (exact);
+        the build process alone (it runs no stage: each runs in a child of its own) beside them."""
+        return {f"{prefix}_peak_rss_mb": round(max(peak["tree_pss"], peak["one_process"])),
+                f"{prefix}_peak_tree_pss_mb": round(peak["tree_pss"]),
+                f"{prefix}_peak_one_process_mb": round(peak["one_process"]),
+                f"{prefix}_build_process_mb": round(peak["build_process"])}
 
     try:
         wait_for_health(url, proc, log, timeout=SETUP_S, tick=poll_peak)  # make setup, then the server
@@ -101,7 +118,7 @@ def run(until: str, port: int | None, keep: bool) -> dict:
                 poll_peak()
                 page.wait_for_timeout(1000)
             out["clone_to_descriptions_s"] = round(time.perf_counter() - t0, 1)
-            out["partial_build_peak_rss_mb"] = round(peak)
+            out.update(peaks("partial_build"))
             print(json.dumps(out), file=sys.stderr, flush=True)  # so far, in case the full build is cut short
             browser.close()
         if until == "full":
@@ -111,7 +128,7 @@ def run(until: str, port: int | None, keep: bool) -> dict:
                     raise SystemExit(f"the dashboard exited with {proc.returncode}")
                 time.sleep(1.0)
             out["clone_to_full_db_s"] = round(time.perf_counter() - t0, 1)
-            out["build_peak_rss_mb"] = round(peak)
+            out.update(peaks("build"))
         else:
             out["build_peak_rss_mb"] = None
         out["stages_finished_at_s"] = _stage_times(clone, start)
@@ -125,6 +142,17 @@ def run(until: str, port: int | None, keep: bool) -> dict:
     out["goals"] = GOALS
     out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     return out
+
+
+def _marker_peak(clone: Path) -> float:
+    """The largest ``peak_rss_mb`` a finished stage recorded in its marker (its own process's VmHWM)."""
+    best = 0.0
+    for done in (clone / "data" / "build").glob("*/*.done"):
+        try:
+            best = max(best, float(json.loads(done.read_text()).get("peak_rss_mb") or 0.0))
+        except (OSError, ValueError):
+            continue
+    return best
 
 
 def _stage_times(clone: Path, start: float) -> dict:

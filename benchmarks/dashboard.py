@@ -222,10 +222,12 @@ def _first_trace() -> dict:
 def _vm_mb(field: str) -> float:
     """``VmHWM`` (peak) or ``VmRSS`` (now) of this process in MB, from /proc (ru_maxrss would carry
     the parent's peak across fork and exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit(f"/proc/self/status has no {field}")
+    from precompute.pipeline import proc_mb
+
+    value = proc_mb(field)
+    if value is None:
+        raise SystemExit(f"/proc/self/status has no {field}")
+    return value
 
 
 def _three_sessions() -> dict:

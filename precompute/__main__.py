@@ -96,9 +96,15 @@ def _config(args) -> BuildConfig:
     )
 
 
+def _one_process_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--one-process", action="store_true",
+                   help="run every stage in this process (by default each stage runs in a child process of its own, "
+                        "so the build's peak memory is its largest stage's)")
+
+
 def cmd_build(args) -> int:
     cfg = _config(args)
-    build = Build(cfg, progress=not args.quiet)
+    build = Build(cfg, progress=not args.quiet, isolate=not args.one_process)
     if cfg.llm is not None and not args.quiet:
         print(f"explainer: {cfg.llm.explainer_id} at {cfg.llm.base_url} (cache {build.root / 'llm-cache.sqlite'})", flush=True)
     if args.fresh and build.root.exists():
@@ -112,7 +118,8 @@ def cmd_build(args) -> int:
         if args.fresh:
             shutil.rmtree(partial_root(cfg.root), ignore_errors=True)
         path = build_partial_then_full(cfg, progress=not args.quiet, n_sequences=args.partial_n_sequences,
-                                       layer_step=args.partial_layer_step, until=args.until)
+                                       layer_step=args.partial_layer_step, until=args.until,
+                                       isolate=not args.one_process)
     else:
         path = build.run(until=args.until)
     if path:
@@ -219,11 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--fresh", action="store_true", help="delete the build folder first")
     b.add_argument("--until", default="write", choices=STAGES, help="stop after this stage")
     _partial_args(b, launcher=False)
+    _one_process_arg(b)
     b.set_defaults(func=cmd_build)
     g = sub.add_parser("background", help="start or resume the build as a background process (one at a time): "
                                           "a quick partial database first, then the full one")
     _config_args(g)
     _partial_args(g, launcher=True)
+    _one_process_arg(g)
     g.set_defaults(func=cmd_background)
     s = sub.add_parser("status", help="what is built and what is missing")
     _config_args(s)

@@ -133,16 +133,55 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb(pid: int | str = "self") -> float | None:
-    """The peak resident set size in MB of this process (or ``pid``): ``VmHWM`` from /proc; None
-    off Linux or once the process is gone."""
+def proc_mb(field: str, pid: int | str = "self") -> float | None:
+    """A memory field of ``/proc/<pid>/status`` in MB (``VmHWM``: the peak resident set,
+    ``VmRSS``: now); None off Linux or once the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """The peak resident set size in MB of this process (or ``pid``): ``VmHWM`` from /proc."""
+    return proc_mb("VmHWM", pid)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it (from the ppid fields in /proc), ``pid`` first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [int(pid)]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_pss_mb(pid: int) -> float | None:
+    """The proportional set size (``Pss`` from ``smaps_rollup``) of ``pid`` and its descendants
+    summed, in MB: the physical memory the process tree holds now, shared pages (a fork server's
+    libraries, shared with each stage's child) counted once. None when ``pid`` is gone."""
+    total, seen = 0, False
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    seen = True
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+    return round(total / 1024, 1) if seen else None
 
 
 def _write_parquet(df: pd.DataFrame | pa.Table, path: Path) -> None:
@@ -156,8 +195,12 @@ def _write_parquet(df: pd.DataFrame | pa.Table, path: Path) -> None:
 class Build:
     """One model's build folder and its stages."""
 
-    def __init__(self, cfg: BuildConfig, progress: bool = True, lm=None):
-        """``lm``: an already loaded model to share (the quick partial build reuses the full build's)."""
+    def __init__(self, cfg: BuildConfig, progress: bool = True, lm=None, isolate: bool = False):
+        """``lm``: an already loaded model to share; ``isolate``: run each stage in a child process
+        of its own (see :meth:`run`; not with ``lm``)."""
+        if isolate and lm is not None:
+            raise ValueError("an isolated build loads the model in each stage's process; do not pass lm")
+        self.isolate = isolate
         self.cfg = cfg
         self.root = cfg.root
         self.progress = progress
@@ -281,11 +324,13 @@ class Build:
     def mark(self, stage: str, info: dict | None = None) -> None:
         """Write ``stage``'s marker atomically, with the time, ``info`` and the peak RSS:
         ``peak_rss_mb`` when :meth:`run` reset it as the stage began (the stage's own peak, in
-        this process), else ``process_peak_rss_mb`` (the process's peak so far)."""
+        this process), else ``process_peak_rss_mb`` (the process's peak so far); ``pid``: the
+        process that ran it (a child of the build's own with :attr:`isolate`)."""
         peak = peak_rss_mb()
         rss = {} if peak is None else {"peak_rss_mb" if self._peak_reset else "process_peak_rss_mb": peak}
         write_json(self.root / f"{stage}.done",
-                   {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {}), **rss})
+                   {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {}), **rss,
+                    "pid": os.getpid()})
 
     def stage_info(self, stage: str) -> dict:
         """What a finished stage recorded in its marker (e.g. the explainer or scorer id); {} if none."""
@@ -710,7 +755,12 @@ class Build:
 
     # -- driver ------------------------------------------------------------------------
     def run(self, until: str = "write") -> Path | None:
-        """Run every unfinished stage up to ``until``; the database path when it reaches ``write``."""
+        """Run every unfinished stage up to ``until``; the database path when it reaches ``write``.
+
+        With ``isolate`` each stage runs in a child process of its own (:func:`_stage_child`), so
+        one stage's freed memory (the model, the collector's state, the embedder) never adds to
+        the next stage's peak: the build's peak is the largest stage's, not their sum plus the
+        allocator's fragmentation. The CLI's builds isolate; a build given a loaded model cannot."""
         self.layer_list()  # a bad --layers fails now, not after the activation pass
         self.check_config()
         started = self.root / "started"
@@ -720,22 +770,113 @@ class Build:
             if self.done(stage):
                 continue
             t0 = time.time()
-            if stage in ("embeddings", "scores", "write"):
-                self.release_model()  # only the corpus, activations and descriptions stages run it
-            from engine.loader import trim_heap
-
-            trim_heap()  # the previous stage's freed memory goes back before this stage's peak is measured
-            self._peak_reset = reset_peak_rss()
-            self.progress_file.stage(stage, i + 1, len(STAGES))
-            if stage == "activations":
-                self.run_activations(0, 1)
+            if self.isolate:
+                peak = _run_in_child(self.cfg, self.progress, stage, i)
             else:
-                getattr(self, f"run_{stage}")()
-            self._peak_reset = False
+                self.run_stage(stage, i)
+                peak = peak_rss_mb()
             if self.progress:
-                print(f"  {stage}: done in {time.time() - t0:.1f} s, peak RSS {peak_rss_mb()} MB", flush=True)
+                print(f"  {stage}: done in {time.time() - t0:.1f} s, peak RSS {peak} MB", flush=True)
         self.progress_file.finished()
         return self.cfg.db_path if until == "write" else None
+
+    def run_stage(self, stage: str, i: int | None = None) -> None:
+        """Run one stage in this process (``i``: its index, for the progress file)."""
+        i = STAGES.index(stage) if i is None else i
+        if stage in ("embeddings", "scores", "write"):
+            self.release_model()  # only the corpus, activations and descriptions stages run it
+        from engine.loader import trim_heap
+
+        trim_heap()  # the previous stage's freed memory goes back before this stage's peak is measured
+        self._peak_reset = reset_peak_rss()
+        self.progress_file.stage(stage, i + 1, len(STAGES))
+        if stage == "activations":
+            self.run_activations(0, 1)
+        else:
+            getattr(self, f"run_{stage}")()
+        self._peak_reset = False
+
+
+# -- one child process per stage -----------------------------------------------------------
+_FORKSERVER = None
+
+
+def _context():
+    """The ``forkserver`` context whose server has imported this module once (torch, pandas,
+    pyarrow): each stage's child is a fork of that small, single-threaded server, so it starts in
+    milliseconds and shares the libraries' pages, and never inherits this process's threads."""
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        _FORKSERVER = ctx
+    return _FORKSERVER
+
+
+def _die_with(pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent (the fork server) exits, which it
+    does when the build process ``pid`` dies: a killed build leaves no stage running on its own."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:  # it died before prctl took effect
+        os._exit(1)
+
+
+def _stage_child(cfg: BuildConfig, progress: bool, stage: str, i: int, parent: int, conn) -> None:
+    """A stage's child process: run it, send back its peak RSS or its error."""
+    _die_with(parent)
+    try:
+        Build(cfg, progress=progress).run_stage(stage, i)
+        conn.send(("ok", peak_rss_mb()))
+    except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
+        import pickle
+        import traceback
+
+        try:
+            pickle.dumps(e)
+            conn.send(("error", e))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle goes back as text
+            conn.send(("error", RuntimeError("".join(traceback.format_exception_only(type(e), e)).strip())))
+        if not isinstance(e, Exception):
+            raise
+
+
+def _run_in_child(cfg: BuildConfig, progress: bool, stage: str, i: int) -> float | None:
+    """Run ``stage`` in a child process and wait for it; its peak RSS in MB.
+
+    The child's error is raised here (a clear :class:`MonitorError` stays one line). A child
+    killed by a signal kills this process with the same signal, so a caller (the background
+    launcher, a test, the shell) sees the build die the way the stage did."""
+    import signal
+
+    ctx = _context()
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_stage_child, args=(cfg, progress, stage, i, os.getpid(), send), name=f"build-{stage}")
+    child.start()
+    send.close()
+    try:
+        msg = recv.recv()
+    except EOFError:
+        msg = None  # the child died without a word
+    child.join()
+    if child.exitcode is not None and child.exitcode < 0:
+        os.kill(os.getpid(), -child.exitcode)
+        signal.pause()
+    if msg is None:
+        raise MonitorError(f"The build's {stage} stage exited with code {child.exitcode}; its log has the reason. "
+                           "Run the same command again to resume.")
+    if msg[0] == "error":
+        raise msg[1]
+    return msg[1]
 
 
 def _versions() -> dict:

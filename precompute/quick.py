@@ -66,22 +66,25 @@ def quick_config(full: BuildConfig, n_layers: int, n_sequences: int = QUICK_N_SE
 
 
 def build_partial_then_full(full_cfg: BuildConfig, progress: bool = True, n_sequences: int = QUICK_N_SEQUENCES,
-                            layer_step: int = QUICK_LAYER_STEP, until: str = "write") -> Path | None:
+                            layer_step: int = QUICK_LAYER_STEP, until: str = "write",
+                            isolate: bool = True) -> Path | None:
     """Build the quick partial database (unless it exists, or the full one does), then the full one.
 
-    Both builds share one loaded model. When the full database is written the partial database
+    ``isolate``: each stage of both builds in a child process of its own (:meth:`Build.run`), so
+    this process never loads the model and the chain's peak memory is its largest stage's; without
+    it both builds share one loaded model. When the full database is written the partial database
     and its build folder are deleted: the full one supersedes them."""
-    full = Build(full_cfg, progress=progress)
+    full = Build(full_cfg, progress=progress, isolate=isolate)
     quick = None
     if not full_cfg.db_path.exists():
         full.layer_list()  # a bad --layers fails now, before either build
         full.check_config()  # and conflicting settings in the full build's folder too
-        quick = quick_config(full_cfg, full.lm.n_layers, n_sequences, layer_step)
+        quick = quick_config(full_cfg, full.model_facts()[0], n_sequences, layer_step)
         if quick is not None and not quick.db_path.exists():
             if progress:
                 print(f"quick partial database first: layers {quick.layers}, {quick.n_sequences} sequences "
                       f"→ {quick.db_path}", flush=True)
-            Build(quick, progress=progress, lm=full.lm).run()
+            Build(quick, progress=progress, **({"isolate": True} if isolate else {"lm": full.lm})).run()
             if progress:
                 print(f"partial database written: {quick.db_path}; now the full build → {full_cfg.db_path}", flush=True)
     path = full.run(until=until)
