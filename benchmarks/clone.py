@@ -11,7 +11,7 @@ the full one) and the Streamlit server. Debian's chromium (Playwright) then does
 * ``clone_to_descriptions_s``: clone → the quick partial database open in that same browser
   session (its banner drawn: the page picked it up without a reload; goal ≤ 300 s).
 * ``build_peak_rss_mb``: the background build's peak memory. The build process runs each stage
-  in a child process of its own (forked from a fork server), so this is the larger of the process
+  in a child process of its own (a fork of it), so this is the larger of the process
   tree's summed ``Pss`` (shared pages counted once; sampled every second) and the largest single
   process's ``VmHWM`` (exact). With ``--until full`` (the default) the whole build, else up to the
   partial database (``partial_build_peak_rss_mb``); ``*_peak_tree_pss_mb``,

@@ -114,28 +114,38 @@ class OutputTokens:
         if norm is not None and getattr(norm, "weight", None) is not None:
             self.w_u = self.w_u * norm.weight.detach().float()[None, :]
 
-    def layer(self, layer: int, chunk: int = 2048) -> tuple[list[list[str]], list[list[str]]]:
-        """(promotes, suppresses) per neuron of ``layer`` for polarity +1, ``n`` tokens each.
+    def ids(self, layer: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """(promoted, suppressed) token ids per neuron of ``layer`` for polarity +1: int32
+        ``[neurons, n]`` each, most promoted (suppressed) first.
 
-        The logits ``[vocab, neurons]`` are computed ``chunk`` neurons at a time: a whole layer
-        would be vocab × neurons floats at once (2.8 GB for 49,152 × 14,336, 7.3 GB at
-        Llama-3.1-8B's 128,256 × 14,336), for the same result."""
+        The logits ``[vocab, neurons]`` are computed ``chunk`` neurons at a time (100 MB for the
+        embedded model's vocabulary): a whole layer would be vocab × neurons floats at once
+        (2.8 GB for 49,152 × 14,336, 7.3 GB at Llama-3.1-8B's 128,256 × 14,336), for the same result."""
         w_out = self.lm.layers[layer].mlp.down_proj.weight.detach().float().to(self.w_u.device)  # [hidden, neurons]
         top, bottom = [], []
         for a in range(0, w_out.shape[1], chunk):
             logits = self.w_u @ w_out[:, a : a + chunk]  # [vocab, chunk]
-            top += torch.topk(logits, self.n, dim=0).indices.T.tolist()  # [chunk, n]
-            bottom += torch.topk(-logits, self.n, dim=0).indices.T.tolist()
+            top.append(torch.topk(logits, self.n, dim=0).indices.T.to(torch.int32))  # [chunk, n]
+            bottom.append(torch.topk(logits, self.n, dim=0, largest=False).indices.T.to(torch.int32))
             del logits
-        dec = self.lm.tokenizer.decode
-        cache: dict[int, str] = {}
+        return torch.cat(top).numpy(), torch.cat(bottom).numpy()
 
-        def tok(i: int) -> str:
-            if i not in cache:
-                cache[i] = dec([i])
-            return cache[i]
+    def layer(self, layer: int, chunk: int = 512) -> tuple[list[list[str]], list[list[str]]]:
+        """(promotes, suppresses) per neuron of ``layer`` for polarity +1, ``n`` tokens each (:meth:`ids`, decoded)."""
+        top, bottom = self.ids(layer, chunk)
+        return decode_rows(self.lm.tokenizer, top), decode_rows(self.lm.tokenizer, bottom)
 
-        return [[tok(i) for i in row] for row in top], [[tok(i) for i in row] for row in bottom]
+
+def decode_rows(tokenizer, ids: np.ndarray) -> list[list[str]]:
+    """Each row of token ids as its tokens' strings (one decode per distinct id)."""
+    cache: dict[int, str] = {}
+
+    def tok(i: int) -> str:
+        if i not in cache:
+            cache[i] = tokenizer.decode([i])
+        return cache[i]
+
+    return [[tok(int(i)) for i in row] for row in ids]
 
 
 class ContextStats:

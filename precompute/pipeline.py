@@ -169,7 +169,7 @@ def process_tree(pid: int) -> list[int]:
 
 def tree_pss_mb(pid: int) -> float | None:
     """The proportional set size (``Pss`` from ``smaps_rollup``) of ``pid`` and its descendants
-    summed, in MB: the physical memory the process tree holds now, shared pages (a fork server's
+    summed, in MB: the physical memory the process tree holds now, shared pages (the build process's
     libraries, shared with each stage's child) counted once. None when ``pid`` is gone."""
     total, seen = 0, False
     for p in process_tree(pid):
@@ -488,17 +488,24 @@ class Build:
 
             self.mark("descriptions", llm_descriptions(self))
             return
-        from .describe import EXPLAINER_ID, CorpusStats, OutputTokens, describe
+        from .describe import EXPLAINER_ID, CorpusStats, OutputTokens, decode_rows, describe
         from .simulate import Simulator
 
+        # The output side first, as token ids, for every layer still to describe; then the model
+        # goes before the exemplars come in, so the stage's peak is the larger of the two, not their sum.
         n = self.lm.n_neurons
+        outs = OutputTokens(self.lm)
+        lens = {layer: outs.ids(layer) for layer in self.layer_list()
+                if not self.layer_file("descriptions", layer).exists()}
+        tokenizer = self.lm.tokenizer
+        del outs
+        self.release_model()
         view = ExemplarView.of_build(self)
         stats = CorpusStats(self.corpus, self.cfg.skip_prefix)
         sim = Simulator(stats.strings)
-        outs = OutputTokens(self.lm)
 
         def layer_rows(layer: int) -> pd.DataFrame:
-            promotes, suppresses = outs.layer(layer)
+            promotes, suppresses = (decode_rows(tokenizer, ids) for ids in lens.pop(layer))
             rows = []
             for neuron in range(n):
                 for _, pol in POLARITY_INDEX:
@@ -757,7 +764,7 @@ class Build:
     def run(self, until: str = "write") -> Path | None:
         """Run every unfinished stage up to ``until``; the database path when it reaches ``write``.
 
-        With ``isolate`` each stage runs in a child process of its own (:func:`_stage_child`), so
+        With ``isolate`` each stage runs in a child process of its own (:func:`_run_in_child`), so
         one stage's freed memory (the model, the collector's state, the embedder) never adds to
         the next stage's peak: the build's peak is the largest stage's, not their sum plus the
         allocator's fragmentation. The CLI's builds isolate; a build given a loaded model cannot."""
@@ -798,26 +805,19 @@ class Build:
 
 
 # -- one child process per stage -----------------------------------------------------------
-_FORKSERVER = None
-
-
 def _context():
-    """The ``forkserver`` context whose server has imported this module once (torch, pandas,
-    pyarrow): each stage's child is a fork of that small, single-threaded server, so it starts in
-    milliseconds and shares the libraries' pages, and never inherits this process's threads."""
-    global _FORKSERVER
-    if _FORKSERVER is None:
-        import multiprocessing as mp
+    """The ``fork`` start method (``spawn`` where there is none): each stage's child is a copy of
+    this build process, which imported the pipeline's libraries but ran no stage, no model and no
+    thread, so the child starts in milliseconds and shares those pages (counted once in the
+    build's proportional memory) instead of importing them again."""
+    import multiprocessing as mp
 
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-        _FORKSERVER = ctx
-    return _FORKSERVER
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
 def _die_with(pid: int) -> None:
-    """Have the kernel SIGKILL this process when its parent (the fork server) exits, which it
-    does when the build process ``pid`` dies: a killed build leaves no stage running on its own."""
+    """Have the kernel SIGKILL this process when its parent, the build process ``pid``, dies: a
+    killed build leaves no stage running on its own."""
     import ctypes
     import signal
 

@@ -99,9 +99,10 @@ def con_count_scored(path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_llama_dir):
-    """An uninterrupted single-process build of the tiny model."""
+    """An uninterrupted build of the tiny model, every stage in one process (``--one-process``):
+    the builds that run each stage in a child process of its own must equal it."""
     root = tmp_path_factory.mktemp("ref")
-    run_cli("build", *tiny_args(tiny_llama_dir, root))
+    run_cli("build", *tiny_args(tiny_llama_dir, root), "--one-process")
     return root
 
 
@@ -123,6 +124,68 @@ def test_kill_in_every_stage_then_resume_gives_same_database(tmp_path, tiny_llam
     before = (tmp_path / "db.duckdb").stat().st_mtime_ns
     run_cli("build", *args)
     assert (tmp_path / "db.duckdb").stat().st_mtime_ns == before
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, killed but not yet reaped, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_each_stage_runs_in_its_own_process_and_dies_with_the_build(tmp_path, tiny_llama_dir, reference):
+    """The default build runs every stage in a child process (so one stage's memory never adds to
+    the next one's peak); SIGKILL of the build takes the running stage with it, and a re-run resumes."""
+    import signal
+    import time
+
+    from precompute.pipeline import process_tree
+
+    args = tiny_args(tiny_llama_dir, tmp_path)
+    hold = tmp_path / "hold"
+    hold.write_text("held")
+    env = {**os.environ, "PRECOMPUTE_HOLD_AT": "descriptions:1", "PRECOMPUTE_HOLD_FILE": str(hold)}
+    build = subprocess.Popen([sys.executable, "-m", "precompute", "build", *args], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    work = tmp_path / "build"
+    try:
+        deadline = time.time() + 300
+        while not (work / "descriptions" / "layer-000.parquet").exists():  # held right after its first layer
+            assert build.poll() is None, build.stderr.read().decode()[-1000:]
+            assert time.time() < deadline, "the build never reached the descriptions stage"
+            time.sleep(0.2)
+        pids = {stage: json.loads((work / f"{stage}.done").read_text())["pid"] for stage in ("corpus", "activations", "exemplars")}
+        assert len(set(pids.values())) == 3 and build.pid not in pids.values(), pids  # one process per stage
+        for stage in pids:  # each measured its own peak, reset when it began
+            assert json.loads((work / f"{stage}.done").read_text())["peak_rss_mb"] > 0
+        tree = process_tree(build.pid)
+        held = [p for p in tree[1:] if p not in pids.values()]
+        assert len(held) >= 1, tree  # the descriptions stage's process below the build
+        build.send_signal(signal.SIGKILL)
+        build.wait(timeout=30)
+        deadline = time.time() + 20
+        while any(_alive(p) for p in held) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in held if _alive(p)], "a stage's process outlived the killed build"
+    finally:
+        if build.poll() is None:
+            os.killpg(build.pid, signal.SIGKILL)
+    assert not (work / "descriptions.done").exists()
+    hold.unlink()
+    run_cli("build", *args)  # resumes from the descriptions stage
+    assert_same_db(tmp_path / "db.duckdb", reference / "db.duckdb")
+
+
+def test_a_stage_error_is_one_line_from_its_process(tmp_path, tiny_llama_dir):
+    """A stage that fails in its child process reports the same one-line error as in one process."""
+    args = tiny_args(tiny_llama_dir, tmp_path)
+    run_cli("build", *args, "--until", "corpus")
+    (tmp_path / "build" / "corpus.parquet").write_bytes(b"not parquet")  # the activations stage reads it
+    for extra in ([], ["--one-process"]):
+        res = run_cli("build", *args, *extra, check=False)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-1500:]
+        assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "is not a corpus file" in res.stderr, res.stderr
 
 
 def test_two_processes_equal_one(tmp_path, tiny_llama_dir, reference):
