@@ -210,3 +210,25 @@ def test_parser_reads_clauses_not_source_labels():
     assert "bible" not in p.context and "verses" not in p.context
     p = parse("Goes most negative on no single token (diffuse); also 'x', 'y'; e.g. “'z' here”.")
     assert p.items == [("x", 0.5, None), ("y", 0.5, None)]
+
+
+def test_logit_lens_ids_match_a_hand_computation_in_any_chunking(tiny_lm):
+    """The output side (``OutputTokens.ids``): per neuron, the tokens its down-projection column
+    raises (lowers) most through the final norm's weight and the unembedding, computed here in
+    float64 by argsort, equal the chunked top-k for any chunk size; ``layer`` decodes exactly those."""
+    from precompute.describe import OutputTokens, decode_rows
+
+    outs = OutputTokens(tiny_lm, n=5)
+    model = tiny_lm.model
+    w_u = model.get_output_embeddings().weight.double() * model.model.norm.weight.double()[None, :]
+    for layer in range(tiny_lm.n_layers):
+        logits = w_u @ tiny_lm.layers[layer].mlp.down_proj.weight.double()  # [vocab, neurons]
+        want_top = np.argsort(-logits.numpy(), axis=0, kind="stable")[:5].T
+        want_bottom = np.argsort(logits.numpy(), axis=0, kind="stable")[:5].T
+        for chunk in (3, 512):
+            top, bottom = outs.ids(layer, chunk=chunk)
+            assert top.shape == (tiny_lm.n_neurons, 5) and top.dtype == np.int32
+            assert (top == want_top).mean() > 0.99 and (bottom == want_bottom).mean() > 0.99  # float32 ties aside
+    promotes, suppresses = outs.layer(0)
+    top, bottom = outs.ids(0)
+    assert promotes == decode_rows(tiny_lm.tokenizer, top) and suppresses[3][0] == tiny_lm.tokenizer.decode([int(bottom[3, 0])])
