@@ -465,3 +465,36 @@ def test_bf16_activation_pass_is_within_tolerance_of_fp32(lm):
     top32 = a.max(axis=1).argmax(axis=0)  # [F]
     top2_16 = np.argsort(-b.max(axis=1), axis=0)[:2]  # [2, F]
     assert ((top2_16 == top32[None]).any(axis=0)).mean() >= 0.9
+
+
+def test_bf16_linear_weights_give_identical_activations_and_unmap_the_checkpoint(tmp_path, lm):
+    """The bf16 activation pass stores the Linear weights in bf16 once (``bf16_linear_weights``)
+    instead of letting autocast cast them on every forward: the captured activations are
+    bit-identical, and no tensor keeps the float32 checkpoint mapped any more."""
+    import shutil
+
+    from engine.loader import bf16_linear_weights, load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(lm.source, folder)  # its own file, so /proc/self/maps tells its mapping from the session model's
+    fresh = load_model(str(folder))
+    ids = torch.randint(0, fresh.tokenizer.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+
+    def captured(model):
+        with torch.inference_mode(), NeuronHooks(model, capture=True) as hooks, torch.autocast("cpu", dtype=torch.bfloat16):
+            model.model.model(input_ids=ids)
+            return [h.clone() for h in hooks.captured]
+
+    def mapped() -> bool:
+        return str(folder / "model.safetensors") in Path("/proc/self/maps").read_text()
+
+    before = captured(fresh)
+    assert mapped()
+    bf16_linear_weights(fresh)
+    assert fresh.layers[3].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert fresh.model.model.norm.weight.dtype == torch.float32
+    if fresh.model.config.tie_word_embeddings:
+        assert fresh.model.lm_head.weight is fresh.model.model.embed_tokens.weight
+    after = captured(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and before[0].dtype == torch.bfloat16
+    assert not mapped()
