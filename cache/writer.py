@@ -74,6 +74,12 @@ EXEMPLAR_SPLITS = ("train", "test", "random", "source")
 Batch = pd.DataFrame | pa.Table
 
 
+# DuckDB's buffer pool while a database is written. Its default (80% of RAM) kept the written blocks
+# cached: the full embedded build's write stage peaked at 2,504 MB with it and 1,869 MB with 512 MB,
+# in the same 18 s (2-core machine, 754 MB database). The data is checkpointed to the file either way.
+WRITE_MEMORY_LIMIT = "512MB"
+
+
 class DatabaseWriter:
     """Builds one neuron database file; see the module docstring for the protocol."""
 
@@ -86,7 +92,7 @@ class DatabaseWriter:
         if not self.resumed:
             for stale in (self.tmp, self.tmp.with_name(self.tmp.name + ".wal")):
                 stale.unlink(missing_ok=True)
-        self._conn: duckdb.DuckDBPyConnection | None = duckdb.connect(str(self.tmp))
+        self._conn: duckdb.DuckDBPyConnection | None = duckdb.connect(str(self.tmp), config={"memory_limit": WRITE_MEMORY_LIMIT})
         self._conn.execute(schema_sql(self.embedding_dim))
         self._n_batches = 0
         self.write_meta({"schema_version": SCHEMA_VERSION, "embedding_dim": self.embedding_dim})
