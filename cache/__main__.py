@@ -1,6 +1,6 @@
 """Command line for the neuron database.
 
-    python -m cache search "Bible verses" --k 20 [--layers 0-10] [--polarity 1] [--min-score 0.2] [--scorer S] [--why] [--json]
+    python -m cache search "Bible verses" --k 20 [--layers 0-10] [--polarity 1] [--min-score 0.2] [--scorer S] [--why] [--rank behaviour|summary] [--json]
     python -m cache keyword "chapter" --k 50 [--json]
     python -m cache neuron 12 345 [--json]
     python -m cache info [--json]
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keyword", default=None, help="also require this literal text in the description")
     s.add_argument("--embedder", default=None, help="local sentence-transformers folder (default: all-MiniLM-L6-v2)")
     s.add_argument("--why", action="store_true", help="say why each hit matched (behaviour vs source part of its summary)")
+    s.add_argument("--rank", choices=["behaviour", "summary"], default="behaviour",
+                   help="behaviour (default): rank candidates by the query's match to what the neuron does, its "
+                        "source label only scaling that (cache.search_explain.rank_by_behaviour); summary: by the "
+                        "whole summary's similarity")
     kw = sub.add_parser("keyword", parents=[common, filters], help="literal substring search, best score first")
     kw.add_argument("text")
     n = sub.add_parser("neuron", parents=[common], help="one neuron with its descriptions and exemplars")
@@ -133,13 +137,21 @@ def run(args: argparse.Namespace) -> int:
             if args.command == "search":
                 from .embedder import embed
 
-                q = embed([args.query], name=args.embedder)[0]
-                hits = db.semantic_search(q, keyword=args.keyword, **filters)
-                if args.why and len(hits):
-                    from .search_explain import match_reasons
+                from .search_explain import POOL, match_reasons, rank_by_behaviour
 
-                    hits = pd.concat([hits, match_reasons(q, hits, lambda t: embed(t, name=args.embedder))], axis=1)
-                    fields.append("why")
+                q = embed([args.query], name=args.embedder)[0]
+                embed_parts = lambda t: embed(t, name=args.embedder)  # noqa: E731
+                if args.rank == "behaviour":
+                    hits = db.semantic_search(q, keyword=args.keyword, **{**filters, "k": POOL * args.k})
+                    hits = rank_by_behaviour(q, hits, embed_parts, args.k)
+                else:
+                    hits = db.semantic_search(q, keyword=args.keyword, **filters)
+                    if args.why and len(hits):
+                        hits = pd.concat([hits, match_reasons(q, hits, embed_parts)], axis=1)
+                if args.rank == "behaviour":
+                    fields.append("behaviour_rank")
+                if args.why and len(hits):
+                    fields += ["summary", "why"]
             else:
                 hits = db.keyword_search(args.text, **filters)
             _print(_records(hits[fields]), args.json, _format_hits)
@@ -176,9 +188,10 @@ def _format_hits(rows: list[dict]) -> str:
     if not rows:
         return "(no matches)"
     width = max(shutil.get_terminal_size((120, 20)).columns - 34, 30)
-    lines = [f"{'sim':>6} {'score':>6} {'layer/neuron':>12} pol  description"]
+    rank = "behaviour_rank" in rows[0]
+    lines = [("  rank " if rank else "") + f"{'sim':>6} {'score':>6} {'layer/neuron':>12} pol  description"]
     for r in rows:
-        lines.append(f"{_num(r['similarity']):>6} {_num(r['score'], '{:.2f}'):>6} "
+        lines.append((f"{_num(r['behaviour_rank']):>6} " if rank else "") + f"{_num(r['similarity']):>6} {_num(r['score'], '{:.2f}'):>6} "
                      f"{r['layer']:>5}/{r['neuron']:<6} {r['polarity']:+d}   {_clip(r['description'], width)}")
         if r.get("why"):
             lines.append(f"{'':>28}why: {_clip(r['why'], width)}")

@@ -59,3 +59,29 @@ def match_reasons(query_vec: np.ndarray, hits: pd.DataFrame, embed) -> pd.DataFr
         rows.append({"behaviour_sim": float(b), "source_sim": float(s),
                      "why": f"matched mostly on its {lead}: " + "; ".join(bits)})
     return pd.DataFrame(rows, index=hits.index)
+
+
+# Behaviour-first ranking: a result's source label may add at most this share to its behaviour match.
+SOURCE_BOOST = 0.25
+POOL = 20  # candidates fetched by summary similarity per result kept
+
+
+def rank_by_behaviour(query_vec: np.ndarray, hits: pd.DataFrame, embed, k: int) -> pd.DataFrame:
+    """Re-rank search candidates (more than ``k``, by summary similarity) by what the neuron does:
+
+        behaviour_rank = b · (1 + SOURCE_BOOST · max(s, 0))
+
+    with ``b``, ``s`` the query's cosine to the summary's behaviour and source parts
+    (:func:`match_reasons`, whose columns come along). The source label only scales a behaviour
+    match, so "Bible verses" ranks a neuron firing on ' verse' or ' God' above one firing on
+    commas inside scripture, whose whole-summary similarity comes from "in Bible verses". A summary
+    with no behaviour part ranks last. The top ``k``, best first."""
+    if hits.empty:
+        return hits
+    why = match_reasons(query_vec, hits, embed)
+    b = why["behaviour_sim"].to_numpy(np.float64)
+    s = np.nan_to_num(why["source_sim"].to_numpy(np.float64), nan=0.0)
+    rank = np.where(np.isnan(b), -np.inf, np.nan_to_num(b) * (1.0 + SOURCE_BOOST * np.clip(s, 0.0, None)))
+    out = pd.concat([hits.reset_index(drop=True), why.reset_index(drop=True)], axis=1)
+    out["behaviour_rank"] = rank
+    return out.sort_values("behaviour_rank", ascending=False, kind="stable").head(int(k)).reset_index(drop=True)

@@ -545,3 +545,33 @@ def test_scores_writer_rejects_bad_rows(tmp_path):
     w.write_scores(pd.DataFrame({**row, "value": [np.nan]}))  # NaN is stored as NULL, never 0
     assert w.conn.execute("SELECT value IS NULL FROM scores").fetchone()[0]
     w.close()
+
+
+def test_search_reasons_and_behaviour_ranking_against_separately_embedded_parts():
+    """``match_reasons`` splits each summary into behaviour and source and reports the query's cosine
+    to each (checked against embedding the parts here); ``rank_by_behaviour`` orders by
+    b · (1 + 0.25 · max(s, 0)), so a neuron named by scripture tokens outranks one that fires on
+    commas inside scripture although the latter's whole summary is closer to "Bible verses"."""
+    from cache.embedder import embed
+    from cache.search_explain import SOURCE_BOOST, match_reasons, rank_by_behaviour, split_summary
+
+    assert split_summary("window start: ',', ' saying' in Bible verses") == ("',', ' saying'", "Bible verses")
+    assert split_summary("' God', ' verse'") == ("' God', ' verse'", "")
+    summaries = ["',', ' saying' in Bible verses", "' God', ' Lord'", "' and' after ',', ',' in Bible verses", ""]
+    q = embed(["Bible verses"])[0]
+    whole = embed([s or " " for s in summaries]) @ q
+    hits = pd.DataFrame({"layer": [1, 2, 3, 4], "neuron": [10, 20, 30, 40], "polarity": [1, 1, -1, 1],
+                         "summary": summaries, "description": ["Fires on ',' (15/15 top windows)."] * 4,
+                         "similarity": whole})
+    why = match_reasons(q, hits, embed)
+    for i, s in enumerate(summaries[:3]):
+        beh, src = split_summary(s)
+        assert abs(why.behaviour_sim[i] - float(embed([beh])[0] @ q)) < 1e-5
+        assert (src == "") == np.isnan(why.source_sim[i])
+    assert "tokens in 15/15 top windows" in why.why[0] and why.why[0].startswith("matched mostly on its source label")
+    ranked = rank_by_behaviour(q, hits, embed, k=3)
+    b, s = why.behaviour_sim.to_numpy(), np.nan_to_num(why.source_sim.to_numpy())
+    want = b * (1 + SOURCE_BOOST * np.clip(s, 0, None))
+    assert list(ranked.neuron) == list(hits.neuron[np.argsort(-np.nan_to_num(want, nan=-np.inf), kind="stable")][:3])
+    assert np.allclose(ranked.behaviour_rank, np.sort(want[~np.isnan(want)])[::-1][:3], atol=1e-6)
+    assert whole[0] > whole[1] and ranked.neuron[0] == 20  # by summary the comma neuron wins; by behaviour ' God', ' Lord'
