@@ -1,10 +1,10 @@
 """The quick partial database that ``make demo`` builds before the full one.
 
-The full build of the embedded model takes about 38 minutes on 2 cores (most of it the activation
-pass over 8,192 sequences and the embedding of 92,160 summaries). So the background build
+The full build of the embedded model takes about 24 minutes on 2 cores (most of it the activation
+pass over 8,192 sequences and the embedding of the windows and summaries). So the background build
 (:mod:`precompute.background`) first writes a **partial** database from a small slice of the corpus
-with every fifth layer described, then goes on with the full build in the same process (one lock,
-one chain):
+with every fifth layer described, then goes on with the full build in the same build process (one lock,
+one chain; each stage in a child process of its own):
 
 - the partial database is ``<db>.partial.duckdb`` (:func:`cache.paths.partial_path`) with its own
   build folder ``<build folder>-partial`` (:func:`partial_root`), e.g.
@@ -30,10 +30,10 @@ from cache.paths import partial_path
 
 from .pipeline import Build, BuildConfig, parse_layers
 
-# Measured on the 2-core development machine (2026-12-01, niced, otherwise idle): 256 sequences × 64
-# tokens and 6 of the embedded model's 30 layers (0, 5, …, 25) built the partial database in 242 s
-# (4 min 5 s wall with start-up): corpus 26 s, activations 58 s, exemplars 13 s, descriptions 46 s,
-# embeddings 62 s, scores 14 s, write 19 s. Its file is 330 MB (exemplars of every neuron).
+# Measured on the 2-core development machine (2026-12-02, idle, each stage in its own process): 256
+# sequences × 64 tokens and 6 of the embedded model's 30 layers (0, 5, …, 25) built the partial database
+# in about 2 minutes: corpus 16 s, activations 21 s, exemplars 8 s, descriptions 27 s, embeddings 16 s,
+# scores 9 s, write 16 s; a fresh clone showed its descriptions 192 s after `git clone`.
 QUICK_N_SEQUENCES = 256
 QUICK_LAYER_STEP = 5
 
