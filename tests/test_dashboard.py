@@ -461,7 +461,13 @@ def test_browse_semantic_search_writes_the_url(env, db):
     at.text_input(key="w_browse_q").set_value("Bible verses").run()
     rows = table(ok(at), "browse_results")
     assert len(rows) == 50
-    assert list(rows["similarity"]) == sorted(rows["similarity"], reverse=True)
+    # by default ranked by behaviour: b · (1 + boost · max(s, 0)) of the parts' cosines shown in "why"
+    assert list(rows["behaviour_rank"]) == sorted(rows["behaviour_rank"], reverse=True)
+    from cache.search_explain import SOURCE_BOOST
+
+    parts = rows["why"].str.extract(r"behaviour .*? \((-?\d\.\d\d)\)(?:; source .*? \((-?\d\.\d\d)\))?(?:;|$)").astype(float)
+    b, src = parts[0].to_numpy(), parts[1].fillna(0).clip(lower=0).to_numpy()
+    assert np.allclose(rows["behaviour_rank"], b * (1 + SOURCE_BOOST * src), atol=0.01)  # the "why" shows 2 decimals
     assert rows["url"].str.fullmatch(r"neuron\?layer=\d+&neuron=\d+").all()
     assert at.query_params.get("q") in ("Bible verses", ["Bible verses"])
     spec, data = chart(at, "browse_chart")
@@ -487,6 +493,9 @@ def test_browse_semantic_search_writes_the_url(env, db):
     assert len(rows) and (auc >= 0.6).all() and list(auc) == sorted(auc, reverse=True)
     qp = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
     assert qp["scorer"] == "embedding-auc-v1" and qp["sort"] == "embedding-auc-v1" and qp["min_score"] == "0.6"
+    at.selectbox(key="w_browse_sort").set_value("similarity").run()  # the whole summary's cosine
+    sims = table(ok(at), "browse_results")["similarity"]
+    assert len(sims) and list(sims) == sorted(sims, reverse=True)
 
 
 def test_browse_link_reproduces_the_view(env, db):

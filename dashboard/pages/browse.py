@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 import pandas as pd
 import streamlit as st
 
-from cache.search_explain import match_reasons
+from cache.search_explain import SOURCE_BOOST, rank_by_behaviour
 from dashboard import charts, links, resources, score_badges, session, widgets
 from engine.errors import MonitorError
 
@@ -24,10 +24,14 @@ POLARITIES = ["both", "positive", "negative"]
 K_MAX = 500
 DEFAULT_K = 50
 NO_MIN = -1.0  # the min-score slider's "no filter" end
+POOL = 4  # semantic candidates (by summary similarity) per result, re-ranked by behaviour
+BEHAVIOUR = "behaviour match"
 
 st.title("Database browser")
 st.caption("Find neurons by what their descriptions say. Semantic search embeds your text and ranks descriptions by "
-           "cosine similarity; keyword search matches the text literally.")
+           "how well what the neuron does (the tokens its summary names) matches it, the summary's source label "
+           "only scaling that (sort by similarity for the whole summary's cosine); keyword search matches the "
+           "text literally.")
 
 res = resources.resources(load_model=False)
 db = res.dbr.db
@@ -43,7 +47,7 @@ if imported:
 L = db.n_layers
 SCORERS = [d["name"] for d in db.scorers()]  # [] for a version-1 database
 MAIN = "main score"
-SORTS = ["similarity", *SCORERS] if SCORERS else ["similarity"]
+SORTS = [BEHAVIOUR, "similarity", *SCORERS]
 DEFAULTS = {"q": "", "mode": MODES[0], "layers": (0, L - 1), "pol": POLARITIES[0], "min_score": NO_MIN,
             "scorer": MAIN, "sort": SORTS[0], "k": DEFAULT_K}
 
@@ -165,9 +169,9 @@ by = None if scorer == MAIN else scorer
 def _search() -> pd.DataFrame:
     if mode == "semantic":
         vec = resources.embed_query(q)
-        hits = db.semantic_search(vec, k=int(k), layer_range=layer_range, polarity=polarity, min_score=min_s, scorer=by)
-        if len(hits):
-            hits = pd.concat([hits, match_reasons(vec, hits, resources.embed_texts)], axis=1)
+        hits = db.semantic_search(vec, k=POOL * int(k), layer_range=layer_range, polarity=polarity, min_score=min_s,
+                                  scorer=by)
+        hits = rank_by_behaviour(vec, hits, resources.embed_texts, int(k))  # with why each matched
     else:
         hits = db.keyword_search(q, k=int(k), layer_range=layer_range, polarity=polarity, min_score=min_s, scorer=by)
     if SCORERS and len(hits):
@@ -192,22 +196,29 @@ if results.empty:
 results = results.copy()
 results["url"] = [links.neuron_url(l, n) for l, n in zip(results["layer"], results["neuron"])]
 sort = st.selectbox("Sort by", SORTS, key=widgets.widget_key("browse_sort", SORTS[0]),
-                    format_func=lambda x: x if x == "similarity" else score_badges.label(x),
-                    help="Order the results by their similarity to the query (keyword search: best main score "
-                         "first) or by any scorer (missing values last).")
+                    format_func=lambda x: x if x in (BEHAVIOUR, "similarity") else score_badges.label(x),
+                    help=f"Order the results by how well the neuron's behaviour matches the query (b · (1 + {SOURCE_BOOST:g} · "
+                         "source match)), by the whole summary's similarity (keyword search: best main score first "
+                         "for both), or by any scorer (missing values last).")
 widgets.remember("browse_sort")
-if sort in results and not (sort == "similarity" and mode == "keyword"):
-    results = results.sort_values(sort, ascending=False, na_position="last", kind="stable")
+column = "behaviour_rank" if sort == BEHAVIOUR else sort
+if column in results and not (sort in (BEHAVIOUR, "similarity") and mode == "keyword"):
+    results = results.sort_values(column, ascending=False, na_position="last", kind="stable")
 shown = results.assign(polarity=[charts.polarity_name(p) for p in results["polarity"]])
 for name in SCORERS:  # a plain-language badge next to every scorer's number
     shown[f"{name} ·"] = [score_badges.verdict(name, v)[0] for v in shown[name]]
 st.markdown(f"**{len(results)}** result{'s' if len(results) != 1 else ''} for “{q}” ({mode})")
-cols = ["layer", "neuron", "polarity", "similarity", "score"]
+cols = ["layer", "neuron", "polarity", "behaviour_rank", "similarity", "score"]
 for name in SCORERS:
     cols += [name, f"{name} ·"]
 cols += ["summary", "why", "description", "url"]
-cols = [c for c in cols if c in shown and not (c == "similarity" and mode == "keyword")]
-config = {"similarity": st.column_config.NumberColumn(format="%.3f", width="small"),
+cols = [c for c in cols if c in shown and not (c in ("similarity", "behaviour_rank") and mode == "keyword")]
+config = {"similarity": st.column_config.NumberColumn(format="%.3f", width="small",
+                                                      help="Cosine of the query to the whole summary."),
+          "behaviour_rank": st.column_config.NumberColumn(
+              BEHAVIOUR, format="%.3f", width="small",
+              help=f"b · (1 + {SOURCE_BOOST:g} · max(s, 0)): b, s the query's cosine to the summary's behaviour and source parts "
+                   "(see 'why it matched')."),
           "score": st.column_config.NumberColumn(format="%.2f", width="small",
                                                  help="The main score (held-out simulation correlation)."),
           "layer": st.column_config.NumberColumn(width="small"),
