@@ -84,9 +84,10 @@ def run(until: str, port: int | None, keep: bool) -> dict:
         nonlocal build_pid
         build_pid = build_pid or (_build_pid(db) if (clone / "data").exists() else None)
         if build_pid:
-            peak["tree_pss"] = max(peak["tree_pss"], tree_pss_mb(build_pid) or 0.0)
+            tree = process_tree(build_pid)
+            peak["tree_pss"] = max(peak["tree_pss"], tree_pss_mb(build_pid, tree) or 0.0)
             peak["build_process"] = max(peak["build_process"], peak_rss_mb(build_pid) or 0.0)
-            for pid in process_tree(build_pid):
+            for pid in tree:
                 peak["one_process"] = max(peak["one_process"], peak_rss_mb(pid) or 0.0)
             peak["one_process"] = max(peak["one_process"], _marker_peak(clone))  # a stage that ended between polls
 

@@ -144,13 +144,12 @@ def run(args: argparse.Namespace) -> int:
                 if args.rank == "behaviour":
                     hits = db.semantic_search(q, keyword=args.keyword, **{**filters, "k": POOL * args.k})
                     hits = rank_by_behaviour(q, hits, embed_parts, args.k)
+                    fields.append("behaviour_rank")
                 else:
                     hits = db.semantic_search(q, keyword=args.keyword, **filters)
-                    if args.why and len(hits):
+                    if args.why:
                         hits = pd.concat([hits, match_reasons(q, hits, embed_parts)], axis=1)
-                if args.rank == "behaviour":
-                    fields.append("behaviour_rank")
-                if args.why and len(hits):
+                if args.why:
                     fields += ["summary", "why"]
             else:
                 hits = db.keyword_search(args.text, **filters)

@@ -58,7 +58,7 @@ def match_reasons(query_vec: np.ndarray, hits: pd.DataFrame, embed) -> pd.DataFr
         lead = "behaviour" if not src or (b == b and b >= s) else "source label"
         rows.append({"behaviour_sim": float(b), "source_sim": float(s),
                      "why": f"matched mostly on its {lead}: " + "; ".join(bits)})
-    return pd.DataFrame(rows, index=hits.index)
+    return pd.DataFrame(rows, index=hits.index, columns=["behaviour_sim", "source_sim", "why"])
 
 
 # Behaviour-first ranking: a result's source label may add at most this share to its behaviour match.
@@ -75,9 +75,7 @@ def rank_by_behaviour(query_vec: np.ndarray, hits: pd.DataFrame, embed, k: int) 
     (:func:`match_reasons`, whose columns come along). The source label only scales a behaviour
     match, so "Bible verses" ranks a neuron firing on ' verse' or ' God' above one firing on
     commas inside scripture, whose whole-summary similarity comes from "in Bible verses". A summary
-    with no behaviour part ranks last. The top ``k``, best first."""
-    if hits.empty:
-        return hits
+    with no behaviour part ranks last. The top ``k``, best first (no rows: the columns alone)."""
     why = match_reasons(query_vec, hits, embed)
     b = why["behaviour_sim"].to_numpy(np.float64)
     s = np.nan_to_num(why["source_sim"].to_numpy(np.float64), nan=0.0)

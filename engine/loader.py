@@ -246,8 +246,6 @@ def bf16_linear_weights(lm: "LoadedModel") -> None:
     trim_heap()
 
 
-
-
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bf16 matrix instructions (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""

@@ -167,12 +167,13 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def tree_pss_mb(pid: int) -> float | None:
+def tree_pss_mb(pid: int, tree: list[int] | None = None) -> float | None:
     """The proportional set size (``Pss`` from ``smaps_rollup``) of ``pid`` and its descendants
-    summed, in MB: the physical memory the process tree holds now, shared pages (the build process's
-    libraries, shared with each stage's child) counted once. None when ``pid`` is gone."""
+    (``tree``: :func:`process_tree` of it, when the caller has it) summed, in MB: the physical memory
+    the process tree holds now, shared pages (the build process's libraries, shared with each stage's
+    child) counted once. None when ``pid`` is gone."""
     total, seen = 0, False
-    for p in process_tree(pid):
+    for p in process_tree(pid) if tree is None else tree:
         try:
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):

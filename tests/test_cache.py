@@ -506,6 +506,9 @@ def test_real_embedder_ranks_bible_verses(tmp_path, capsys):
     assert main(["search", "Bible verses", "--db", str(path), "--k", "2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["neuron"] for r in rows] == [0, 1] and rows[0]["similarity"] > rows[1]["similarity"]
+    for rank in ("behaviour", "summary"):  # no candidate at all: "no matches", in either order, with --why
+        assert main(["search", "Bible verses", "--db", str(path), "--keyword", "zzz-nowhere", "--why", "--rank", rank]) == 0
+        assert "(no matches)" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- scores table (schema 2)
@@ -575,3 +578,5 @@ def test_search_reasons_and_behaviour_ranking_against_separately_embedded_parts(
     assert list(ranked.neuron) == list(hits.neuron[np.argsort(-np.nan_to_num(want, nan=-np.inf), kind="stable")][:3])
     assert np.allclose(ranked.behaviour_rank, np.sort(want[~np.isnan(want)])[::-1][:3], atol=1e-6)
     assert whole[0] > whole[1] and ranked.neuron[0] == 20  # by summary the comma neuron wins; by behaviour ' God', ' Lord'
+    empty = rank_by_behaviour(q, hits.iloc[:0], embed, k=3)  # no candidates (e.g. a --keyword matching nothing)
+    assert empty.empty and {"behaviour_rank", "why", "summary"} <= set(empty.columns)

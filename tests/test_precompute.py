@@ -126,14 +126,6 @@ def test_kill_in_every_stage_then_resume_gives_same_database(tmp_path, tiny_llam
     assert (tmp_path / "db.duckdb").stat().st_mtime_ns == before
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie, killed but not yet reaped, is not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_each_stage_runs_in_its_own_process_and_dies_with_the_build(tmp_path, tiny_llama_dir, reference):
     """The default build runs every stage in a child process (so one stage's memory never adds to
     the next one's peak); SIGKILL of the build takes the running stage with it, and a re-run resumes."""
@@ -141,6 +133,8 @@ def test_each_stage_runs_in_its_own_process_and_dies_with_the_build(tmp_path, ti
     import time
 
     from precompute.pipeline import process_tree
+
+    from .test_background import _pid_alive as _alive
 
     args = tiny_args(tiny_llama_dir, tmp_path)
     hold = tmp_path / "hold"
