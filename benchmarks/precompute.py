@@ -23,10 +23,16 @@
   on corpus windows. Both also as CPU-seconds rates (``*_cpu``): process CPU time ÷ cores
   is what the same work takes on an idle machine, so these project an idle build when the
   machine is shared.
-* ``explainers``: the new (``offline-v2``) and old (``offline-v1``) explainers run on the
-  same build's exemplars for a seeded sample of (neuron, polarity) keys, each scored by the
-  same scorers on held-out windows: the token-match simulation (v2) and the embedding AUC;
-  mean, median and the share with no prediction (NULL), and ratios new ÷ old.
+* ``explainers``: the new (``offline-v3``, its summary form chosen on train windows as the
+  build's embeddings stage does; ``new_bare_share`` is how often the bare form won) and old
+  (``offline-v1``) explainers run on the same build's exemplars for a seeded sample of
+  (neuron, polarity) keys, each scored by the same scorers on held-out windows: the
+  token-match simulation (v2), the whole-window embedding AUC and the peak-span embedding
+  AUC; mean, median and the share with no prediction (NULL), and ratios new ÷ old. Each
+  span-AUC median comes with a **shuffled control**: the same descriptions scored on other
+  keys' windows (5 seeded permutations), which should sit near 0.5. ``sim_ceiling_token_lookup``
+  is what a per-token lookup table fitted on the train windows reaches on the same held-out
+  windows: the most a context-free token-match description could score.
 """
 
 from __future__ import annotations
@@ -208,7 +214,8 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
     from precompute.collect import Collector
     from precompute.corpus import Corpus
     from precompute.describe import ContextStats, CorpusStats, OutputTokens, describe, describe_v1
-    from precompute.embedding_score import score_keys
+    from cache.search_explain import bare_summary
+    from precompute.embedding_score import prefer_bare, score_keys, score_span_keys, span_starts, span_texts
     from precompute.exemplar_view import ExemplarView
     from precompute.simulate import Simulator
 
@@ -222,12 +229,16 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
     outs = OutputTokens(lm)
     win_files = sorted((build_root / "embeddings").glob("windows-*.npy"))
     windows = np.concatenate([np.load(f) for f in win_files]) if win_files else embed(corpus.texts, bulk=True)
+    starts = span_starts(corpus.seq_len, 1)
+    span_files = sorted((build_root / "embeddings").glob("spans-*.npy"))
+    spans = (np.concatenate([np.load(f) for f in span_files]) if span_files
+             else embed(span_texts(corpus.tokens, starts), bulk=True))
     rng = np.random.default_rng(seed)
     keys = sorted({(int(l), int(n), int(p)) for l, n, p in zip(rng.integers(0, lm.n_layers, sample),
                                                               rng.integers(0, lm.n_neurons, sample),
                                                               rng.choice([1, -1], sample))})
     texts = {"new": [], "old": []}
-    held = []
+    held, train_top, lookup = [], [], []
     cache_out: dict = {}
     t_new = t_old = 0.0
     for layer, neuron, pol in keys:
@@ -244,33 +255,70 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
         old = describe_v1(pol, train.tokens[:n_top], train.acts[:n_top], train.sources[:n_top], prom, supp, ctx)
         t_old += time.process_time() - c0
         texts["old"].append(old[:2])
-        held.append(view.heldout(layer, neuron, pol))
+        h = view.heldout(layer, neuron, pol)
+        held.append(h)
+        train_top.append(view.train(layer, neuron, pol))
+        lookup.append(_lookup_score(train, h, pol, stats.vocab))
     out = {"sample": len(keys), "held_out": "test top exemplars + held-out random windows, sink excluded",
            "describe_ms_per_key_cpu": {"new": round(1e3 * t_new / len(keys), 2), "old": round(1e3 * t_old / len(keys), 2)}}
+    pols = [k[2] for k in keys]
+    # the new explainer's summary form, chosen on train windows as the build does (embeddings stage)
+    full = [summ for _, summ in texts["new"]]
+    bare = [bare_summary(x) or x for x in full]
+    pick = prefer_bare(embed(full, bulk=True), embed(bare, bulk=True), train_top, pols, view.random_train_ids,
+                       spans, starts)
+    texts["new"] = [(t, b if p else f) for (t, f), b, p in zip(texts["new"], bare, pick)]
+    out["new_bare_share"] = round(float(np.mean(pick)), 4)
+    lk = np.array([np.nan if v is None else v for v in lookup])
+    out["sim_ceiling_token_lookup"] = {"mean": round(float(np.nanmean(lk)), 4), "median": round(float(np.nanmedian(lk)), 4),
+                                       "note": "Pearson r of a per-token lookup table (each token id's mean train "
+                                               "activation) on the held-out windows: the best any token-match "
+                                               "description could do without context"}
+    pos_ids = [h.seq_ids[: h.n_top] for h in held]
     per_key: dict = {}
     for name, pairs in texts.items():
         s = np.array([np.nan if v is None else v for v in
                       (sim.score(t, k[2], h) for (t, _), k, h in zip(pairs, keys, held))])
         vecs = embed([summ for _, summ in pairs], bulk=True)
-        auc = score_keys(vecs, [h.seq_ids[: h.n_top] for h in held], view.random_test_ids, windows)
+        auc = score_keys(vecs, pos_ids, view.random_test_ids, windows)
+        span_auc = score_span_keys(vecs, held, pols, view.random_test_ids, spans, starts)
+        # control: every description scored on another key's windows (5 seeded shuffles), a distribution
+        control = [float(np.nanmedian(score_span_keys(vecs[perm], held, pols, view.random_test_ids, spans, starts)))
+                   for perm in (np.random.default_rng(seed + 10 + r).permutation(len(keys)) for r in range(5))]
         out[name] = {"sim_mean": round(float(np.nanmean(s)), 4), "sim_median": round(float(np.nanmedian(s)), 4),
                      "sim_mean_null_as_0": round(float(np.nan_to_num(s).mean()), 4),
                      "sim_null_share": round(float(np.isnan(s).mean()), 4),
                      "auc_mean": round(float(np.nanmean(auc)), 4), "auc_median": round(float(np.nanmedian(auc)), 4),
+                     "span_auc_mean": round(float(np.nanmean(span_auc)), 4),
+                     "span_auc_median": round(float(np.nanmedian(span_auc)), 4),
+                     "span_auc_median_shuffled_control": [round(c, 4) for c in control],
                      "summary_words_mean": round(float(np.mean([len(x.split()) for _, x in pairs])), 2)}
-        per_key[name] = (s, auc)
+        per_key[name] = (s, auc, span_auc)
     if show:
         pick = np.random.default_rng(seed + 1).choice(len(keys), size=min(show, len(keys)), replace=False)
         out["examples"] = [
             {"layer": keys[i][0], "neuron": keys[i][1], "polarity": keys[i][2],
              **{name: {"description": texts[name][i][0], "summary": texts[name][i][1],
                        "sim": None if np.isnan(per_key[name][0][i]) else round(float(per_key[name][0][i]), 3),
-                       "embedding_auc": None if np.isnan(per_key[name][1][i]) else round(float(per_key[name][1][i]), 3)}
+                       "embedding_auc": None if np.isnan(per_key[name][1][i]) else round(float(per_key[name][1][i]), 3),
+                       "embedding_span_auc": None if np.isnan(per_key[name][2][i]) else round(float(per_key[name][2][i]), 3)}
                 for name in ("old", "new")}}
             for i in sorted(pick)]
-    for key in ("sim_mean", "sim_median", "sim_mean_null_as_0", "auc_mean", "auc_median"):
+    for key in ("sim_mean", "sim_median", "sim_mean_null_as_0", "auc_mean", "auc_median", "span_auc_median"):
         out[f"{key}_ratio_new_vs_old"] = round(out["new"][key] / out["old"][key], 3) if out["old"][key] else None
     return out
+
+
+def _lookup_score(train, held, polarity: int, vocab: int) -> float | None:
+    """Held-out Pearson r of a per-token lookup table fitted on the train windows (top and random):
+    each token id predicts its mean signed train activation (unseen ids predict 0)."""
+    from precompute.simulate import pearson
+
+    ids = np.minimum(np.asarray(train.token_ids, np.int64).ravel(), vocab - 1)
+    total = np.bincount(ids, weights=(polarity * train.acts).ravel(), minlength=vocab)
+    count = np.bincount(ids, minlength=vocab)
+    mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    return pearson(polarity * held.acts, mean[np.minimum(np.asarray(held.token_ids, np.int64), vocab - 1)])
 
 
 def build_wall(build_root: Path) -> float | None:

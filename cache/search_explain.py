@@ -1,12 +1,13 @@
 """Why a semantic-search result matched: the part of its summary that carries the similarity.
 
-An ``offline-v2`` summary has up to three parts: a position note ("window start:"), the
-behaviour (the tokens the neuron fires on, e.g. "' Lord' after ' the'"), and the corpus
-source when it is distinctive ("in Bible verses"). :func:`split_summary` cuts a summary
-into behaviour and source; :func:`match_reasons` embeds both parts of each result and
-reports their cosine to the query next to the whole summary's, plus the evidence the
-description states (how many top windows show the tokens, the source's count), so a
-reader sees whether a hit came from what the neuron does or from where its text came from.
+An ``offline-v3`` summary reads ``[window start: ][diffuse: ]TOKENS in SOURCES (CONTEXT): “SNIPPET”``
+(see :mod:`precompute.describe`): the behaviour (the quoted tokens the neuron fires on, e.g.
+"' Lord' after ' the'"), then where it happens. ``offline-v2`` summaries were ``TOKENS in SOURCE``
+and imported or LLM summaries are free text. :func:`split_summary` cuts a summary into
+behaviour and source; :func:`match_reasons` embeds both parts of each result and reports their
+cosine to the query next to the whole summary's, plus the evidence the description states (how
+many top windows show the tokens, the source's count), so a reader sees whether a hit came from
+what the neuron does or from where its text came from.
 
     behaviour sim = cos(e(behaviour part), q),  source sim = cos(e(source part), q)
 """
@@ -22,11 +23,36 @@ _COUNT = re.compile(r"\((\d+)/(\d+) top windows\)")
 _SOURCE = re.compile(r"mostly in ([^;(]+) \((\d+)/(\d+)\)")
 
 
-def split_summary(summary: str) -> tuple[str, str]:
-    """(behaviour, source) parts of a summary; source is "" when it names none."""
+_ITEM = r"'[^']*'(?: after '[^']*')?"  # a quoted token (quotes inside are ’), maybe with its previous token
+_V3 = re.compile(rf"^(?P<beh>{_ITEM}(?:, {_ITEM})*)(?: in (?P<src>[^(:“]+?))?(?: \((?P<ctx>[^)]*)\))?(?:: “.*”)?$", re.S)
+
+
+def bare_summary(summary: str) -> str | None:
+    """An ``offline-v3`` summary without where it happens: its position notes and tokens only
+    (``window start: ',', ' saying'``); None when it is not in that grammar or is bare already."""
     s = (summary or "").strip()
-    if s.startswith("window start: "):
-        s = s[len("window start: "):]
+    prefix = ""
+    for p in ("window start: ", "diffuse: "):
+        if s[len(prefix):].startswith(p):
+            prefix += p
+    m = _V3.match(s[len(prefix):])
+    if not m or m.group("beh").strip() == s[len(prefix):]:
+        return None
+    return prefix + m.group("beh").strip()
+
+
+def split_summary(summary: str) -> tuple[str, str]:
+    """(behaviour, source) parts of a summary; source is "" when it names none.
+
+    ``window start: ',', ' saying' in Bible verses (lord): “…”`` → (``',', ' saying'``,
+    ``Bible verses``); a free-text summary is all behaviour unless it ends in " in <words>"."""
+    s = (summary or "").strip()
+    for prefix in ("window start: ", "diffuse: "):
+        if s.startswith(prefix):
+            s = s[len(prefix):]
+    m = _V3.match(s)
+    if m:
+        return m.group("beh").strip(), (m.group("src") or "").strip()
     head, sep, tail = s.rpartition(" in ")
     if sep and "'" not in tail:
         return head.strip(), tail.strip()

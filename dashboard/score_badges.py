@@ -4,8 +4,9 @@ Two kinds of scorer are stored (see ``cache/schema.sql``, table ``scores``):
 
 * **correlations** (the simulation scorers: the offline token match, an LLM simulator, an
   imported Transluce score): Pearson r between true and simulated activations, −1…1;
-* **AUCs** (``embedding-auc-v1``): the chance that an activating window outranks a random
-  one by the description's embedding, 0…1, with 0.5 meaning chance.
+* **AUCs** (``embedding-auc-v1`` on whole windows, ``embedding-span-auc-v1`` on the 16-token
+  span around each peak): the chance that an activating window outranks a random one by the
+  description's embedding, 0…1, with 0.5 meaning chance.
 
 The cut-offs are conventions for reading, not tests: r ≥ 0.5 strong, ≥ 0.3 moderate,
 ≥ 0.1 weak, else near zero; AUC ≥ 0.9 strong, ≥ 0.75 good, ≥ 0.6 weak, else near chance.
@@ -20,6 +21,7 @@ LABELS = {
     "offline-token-match-v2": "simulation (token match)",
     "offline-token-match-v1": "simulation (token match, v1)",
     "embedding-auc-v1": "embedding AUC",
+    "embedding-span-auc-v1": "embedding AUC (peak spans)",
 }
 
 
@@ -54,6 +56,9 @@ def verdict(scorer: str, value) -> tuple[str, str]:
 
 def meaning(scorer: str) -> str:
     """One sentence saying what a scorer's number measures."""
+    if is_auc(scorer) and "span" in scorer:
+        return ("How well the description's embedding picks the 16 tokens around each held-out peak out of random "
+                "16-token spans (0.5 = chance, 1 = perfect).")
     if is_auc(scorer):
         return ("How well the description's embedding picks the neuron's held-out activating windows out of random "
                 "ones (0.5 = chance, 1 = perfect).")

@@ -1,6 +1,6 @@
 """The offline explainers: a description per (neuron, polarity) from exemplars and weights.
 
-No language model is involved. The default, **contrastive** explainer (``offline-v2``,
+No language model is involved. The default, **contrastive** explainer (``offline-v3``,
 :func:`describe`) says what distinguishes a neuron's train exemplars from the corpus:
 
 1. **Tokens by log-odds, not frequency.** Each train exemplar votes once per token that is
@@ -24,14 +24,22 @@ No language model is involved. The default, **contrastive** explainer (``offline
    tokens the neuron's output column promotes and suppresses through the unembedding,
    ``W_U · (g ⊙ W_down[:, n])`` with ``g`` the final RMSNorm weight (signs swap for −1).
 
-Several candidates (1–3 tokens, with or without the previous token, with or without context
-words) are simulated on the **train** windows (train top exemplars plus the train half of
+Several candidates (1–4 tokens, with or without the previous token; then "also" clauses
+naming 2 or 4 weaker tokens at half weight; then context words) are simulated on the **train** windows (train top exemplars plus the train half of
 the random sequences) with the token-match simulator (:mod:`precompute.simulate`), and the
 best is kept. Held-out scores are computed later, by the scores stage, on windows no
 candidate was chosen on.
 
-The summary (under 15 words, what is embedded for search) leads with the tokens and adds
-the source only when it is distinctive, e.g. "' Lord', ' God' in Bible verses".
+The summary (what search and the embedding scorers embed) leads with the behaviour, then
+says where it happens: ``[window start: ][diffuse: ]TOKENS in SOURCES (CONTEXT): “SNIPPET”``,
+e.g. ``' father', ' bore' in Bible verses (david, son): “years old, and she bore him Seg”``.
+SOURCES is the source of at least half the top windows (or the two commonest when they hold
+three quarters; otherwise no "in" part), CONTEXT up to two context words, SNIPPET the quoted
+snippet without its brackets. v2 summaries were the tokens and a
+distinctive source only; their median held-out embedding AUC was 0.68 against the old
+explainer's 0.71 on the 524k-token build, because whole-window embeddings reward the words of
+the context, which v2 had dropped (``offline-v3`` puts them back after the behaviour, where
+behaviour-first search ranking reads them only as a boost).
 
 :func:`describe_v1` is the previous explainer (``offline-v1``: the three most frequent hot
 tokens, counted up to 8 per exemplar, "in <dominant source>", context words and the logit
@@ -162,7 +170,7 @@ class ContextStats:
         return math.log((1 + self.n) / (1 + self.df.get(word, 0)))
 
 
-EXPLAINER_ID = "offline-v2"
+EXPLAINER_ID = "offline-v3"
 INACTIVE = "Never active in this polarity on the corpus."
 INACTIVE_SUMMARY = "never active"
 PRIOR = 0.5  # the log-odds' Dirichlet prior per token
@@ -211,6 +219,7 @@ class Evidence:
     source: tuple[str, int] | None           # distinctive source and its exemplar count
     context: list[str]
     snippet: str
+    sources: str = ""                        # where the top windows come from, for the summary
 
 
 def evidence(polarity: int, windows, stats: CorpusStats, window: int = 6) -> Evidence | None:
@@ -266,23 +275,29 @@ def evidence(polarity: int, windows, stats: CorpusStats, window: int = 6) -> Evi
             if cnt >= 2 and share >= 0.6 and share >= 2 * stats.bigram_share(prev, t):
                 after[t] = (prev, cnt)
     src = Counter(windows.sources[e] for e in live.tolist())
-    source = None
+    source, sources = None, ""
     if src:
         s, cnt = src.most_common(1)[0]
         if cnt / len(live) >= 0.5 and cnt / len(live) >= 2 * stats.source_share.get(s, 0.0):
             source = (s, cnt)
+        two = src.most_common(2)
+        if cnt / len(live) >= 0.5:  # where most top windows come from (distinctive or not)
+            sources = topic_of(s, short=True)
+        elif sum(c for _, c in two) / len(live) >= 0.75:  # or the two sources that hold three quarters
+            sources = " and ".join(topic_of(x, short=True) for x, _ in two)
     context = sorted((w for w, c in words.items() if c >= 2), key=lambda w: (-words[w] * stats.ctx.idf(w), w))[:3]
     e0 = int(live[np.argmax(peaks[live])])
     p0 = int(np.argmax(signed[e0]))
     toks = windows.tokens[e0]
     snip = "".join(toks[max(0, p0 - 5): p0]) + "[" + toks[p0] + "]" + "".join(toks[p0 + 1: p0 + 3])
     snip = snip.replace("\n", "⏎").replace(";", ",").replace("'", "’").replace('"', "”")
-    return Evidence(len(live), ranked, after, start, source, context, f"“{snip.strip()}”")
+    return Evidence(len(live), ranked, after, start, source, context, f"“{snip.strip()}”", sources)
 
 
-def _token_list(ev: Evidence, strings: dict[int, str], m: int, with_after: bool) -> str:
+def _token_list(ev: Evidence, strings: dict[int, str], m: int, with_after: bool, skip: int = 0) -> str:
+    """Evidence tokens ``skip … m−1``, quoted, each with its previous token where ``with_after``."""
     parts = []
-    for t, _, _ in ev.tokens[:m]:
+    for t, _, _ in ev.tokens[skip:m]:
         s = show(strings.get(t, "?"))
         if with_after and t in ev.after:
             s += f" after {show(strings.get(ev.after[t][0], '?'))}"
@@ -294,13 +309,15 @@ SUMMARY_TOKENS = 2  # tokens a summary names
 
 
 def _candidate(polarity: int, ev: Evidence, stats: CorpusStats, m: int, with_after: bool, ctx: bool,
-               out_clause: str) -> tuple[str, str]:
+               out_clause: str, also: int = 0) -> tuple[str, str]:
     verb = "Fires on" if polarity > 0 else "Goes most negative on"
     named = _token_list(ev, stats.strings, m, with_after)
     recurring = ev.tokens[0][2] >= max(2, 0.25 * ev.n)
     head = (f"{verb} {named} ({ev.tokens[0][2]}/{ev.n} top windows)" if recurring
             else f"{verb} no single token (diffuse); also {named}")
     clauses = [head]
+    if also and recurring:  # weaker tokens, at half weight for a simulator
+        clauses.append(f"also {_token_list(ev, stats.strings, m + also, with_after, skip=m)}")
     if ctx:
         clauses.append(f"context: {', '.join(ev.context)}")
     if ev.source:
@@ -309,17 +326,29 @@ def _candidate(polarity: int, ev: Evidence, stats: CorpusStats, m: int, with_aft
     if start:
         clauses.append(f"at the window start ({ev.start}/{ev.n})")
     clauses.append(f"e.g. {ev.snippet}")
-    # The summary is what search embeds: at most two tokens and the distinctive source, so it
-    # stays short (embedding cost grows with length) and leads with the behaviour.
-    short = ("" if recurring else "diffuse: ") + _token_list(ev, stats.strings, min(m, SUMMARY_TOKENS), with_after)
-    if start:
-        short = f"window start: {short}"
-    if ev.source:
-        short += f" in {topic_of(ev.source[0], short=True)}"
-    return "; ".join(clauses) + "." + out_clause, " ".join(short.split()[:14])
+    return "; ".join(clauses) + "." + out_clause, summary_of(ev, stats, min(m, SUMMARY_TOKENS), with_after, recurring, start)
+
+
+SUMMARY_CONTEXT = 2  # context words a summary names
+SNIPPET_WORDS = 8  # words of the snippet a summary quotes (a summary stays under 30 words)
+
+
+def summary_of(ev: Evidence, stats: CorpusStats, m: int, with_after: bool, recurring: bool, start: bool) -> str:
+    """The summary, what search and the embedding scorers embed (parsed back by
+    :func:`cache.search_explain.split_summary`): the behaviour first (the tokens), then where it happens: the top windows' sources, context
+    words and the quoted snippet (without its peak brackets)."""
+    out = ("window start: " if start else "") + ("" if recurring else "diffuse: ") \
+        + _token_list(ev, stats.strings, m, with_after)
+    if ev.sources:
+        out += f" in {ev.sources}"
+    if ev.context[:SUMMARY_CONTEXT]:
+        out += f" ({', '.join(ev.context[:SUMMARY_CONTEXT])})"
+    snip = ev.snippet.replace("[", "").replace("]", "").strip("“”").split()[: min(SNIPPET_WORDS, 28 - len(out.split()))]
+    return f"{out}: “{' '.join(snip)}”" if snip else out
 
 
 MAX_TOKENS = 4
+ALSO = (2, 4)  # how many weaker tokens an "also" clause may add to the best candidate
 
 
 def describe(polarity: int, train, stats: CorpusStats, simulator, promotes: list[str],
@@ -348,9 +377,16 @@ def describe(polarity: int, train, stats: CorpusStats, simulator, promotes: list
     cands = [_candidate(polarity, ev, stats, *v, out_clause) for v in variants]
     scores = simulator.scores([c[0] for c in cands], polarity, train)
     best = _best(scores)
+    m, after, _ = variants[best]
+    extra = [(m, after, False, a) for a in ALSO if m + a <= len(ev.tokens)]  # weaker tokens after the best ones
+    if extra:
+        variants += extra
+        cands += [_candidate(polarity, ev, stats, vm, va, False, out_clause, a) for vm, va, _, a in extra]
+        scores += simulator.scores([c[0] for c in cands[-len(extra):]], polarity, train)
+        best = _best(scores)
     if ev.context:
-        m, after, _ = variants[best]
-        cands.append(_candidate(polarity, ev, stats, m, after, True, out_clause))
+        m, after, _, also = (*variants[best], 0)[:4]
+        cands.append(_candidate(polarity, ev, stats, m, after, True, out_clause, also))
         scores += simulator.scores([cands[-1][0]], polarity, train)
         best = _best(scores)
     return cands[best][0], cands[best][1], scores[best]

@@ -96,7 +96,7 @@ class ExemplarView:
     @classmethod
     def of_build(cls, build) -> "ExemplarView":
         col = build.merged()
-        return cls(col.state, col.k, build.corpus, build.lm.n_neurons, build.cfg.skip_prefix)
+        return cls(col.state, col.k, build.corpus, build.model_facts()[1], build.cfg.skip_prefix)  # no weights loaded
 
     def _top(self, polarity: int, f: int, ranks: list[int]) -> tuple[list[int], np.ndarray]:
         pi = 0 if polarity > 0 else 1

@@ -525,15 +525,25 @@ class Build:
         self.per_layer("descriptions", "descriptions (per layer)", layer_rows)
         self.mark("descriptions", {"explainer": EXPLAINER_ID})
 
-    def descriptions(self) -> pd.DataFrame:
-        """Every described layer's descriptions, in layer order."""
+    def descriptions(self, chosen: bool = True) -> pd.DataFrame:
+        """Every described layer's descriptions, in layer order; with ``chosen``, each ``summary``
+        in the form the embeddings stage chose for it (``summary-bare.npy``; see :meth:`run_embeddings`)."""
         files = [self.layer_file("descriptions", layer) for layer in self.layer_list()]
-        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        desc = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        bare_file = self.root / "embeddings" / "summary-bare.npy"
+        if chosen and bare_file.exists():
+            from cache.search_explain import bare_summary
+
+            pick = np.load(bare_file)
+            if len(pick) != len(desc):
+                raise MonitorError("Embeddings and descriptions disagree in number; re-run with --fresh.")
+            desc["summary"] = [bare_summary(t) if b else t for t, b in zip(desc["summary"], pick)]
+        return desc
 
     def run_embeddings(self) -> None:
-        """Stage 5: embed every corpus window (for the embedding scorer) and every distinct
-        description summary (for search and that scorer), in resumable chunks; bf16 where the
-        CPU has it.
+        """Stage 5: embed every corpus window and every 16-token span of it (for the embedding
+        scorers, :mod:`precompute.embedding_score`) and every distinct description summary (for
+        search and those scorers), in resumable chunks; bf16 where the CPU has it.
 
         Each distinct summary is embedded once (``distinct-*.npy``, in first-occurrence order)
         and ``summary-index.npy`` maps every description to its row: the same text always gets
@@ -541,15 +551,33 @@ class Build:
         and the same two tokens over and over at 458,752 neurons) embeds far fewer texts than it
         has descriptions. In bf16 a text's vector depends (within cosine 0.999) on which texts
         share its batch, so a resumed build is byte-identical to an uninterrupted one only with
-        the same ``--embed-chunk``."""
+        the same ``--embed-chunk``.
+
+        **Each summary's form is chosen here, on train windows.** An ``offline-v3`` summary says
+        what the neuron fires on and where (sources, context words, a snippet); its bare form
+        (:func:`cache.search_explain.bare_summary`) names the tokens only. Where the text around
+        the peaks is the neuron's topic the full form describes it better; where a single token is
+        the cause, the context is noise. Both forms are embedded, and each description keeps the one
+        with the higher span AUC on its *train* windows (the train top exemplars' peak spans against
+        every span of the train random sequences; ties keep the full form), so the held-out scores of
+        the scores stage are computed on windows the choice never saw. ``summary-bare.npy`` records
+        the choice; :meth:`descriptions` applies it."""
         from cache.embedder import embed, load_embedder
+        from cache.search_explain import bare_summary
+
+        from .embedding_score import span_starts, span_texts
 
         chunk = self.cfg.embed_chunk
         load_embedder(self.cfg.embedding_model, bulk=True)  # fail early, before the progress bar
-        # see precompute.describe: the summary is embedded
-        codes, distinct = pd.factorize(self.descriptions()["summary"], use_na_sentinel=False)
-        texts = {"windows": list(self.corpus.texts), "distinct": [str(t) for t in distinct]}
-        bar = self._bar(sum(map(len, texts.values())), "embeddings (windows, then distinct summaries)")
+        # see precompute.describe: the summary is embedded, in one of two forms
+        full = self.descriptions(chosen=False)["summary"].astype(str).tolist()
+        bare = [bare_summary(t) for t in full]
+        codes, distinct = pd.factorize(pd.Series(full + [b or t for b, t in zip(bare, full)]), use_na_sentinel=False)
+        codes_full, codes_bare = codes[: len(full)], codes[len(full):]
+        starts = span_starts(self.corpus.seq_len, self.cfg.skip_prefix)
+        texts = {"windows": list(self.corpus.texts), "spans": span_texts(self.corpus.tokens, starts),
+                 "distinct": [str(t) for t in distinct]}
+        bar = self._bar(sum(map(len, texts.values())), "embeddings (windows, their spans, then distinct summaries)")
         step = 0
         for prefix, items in texts.items():
             for c in range((len(items) + chunk - 1) // chunk):
@@ -565,15 +593,38 @@ class Build:
                     _maybe_die("embeddings", step)
                 bar.update(len(part))
         bar.close()
-        index = self.root / "embeddings" / "summary-index.npy"
-        tmp = index.with_name(".summary-index.tmp.npy")
-        np.save(tmp, codes.astype(np.int32))
-        os.replace(tmp, index)
-        self.mark("embeddings", {"n": len(codes), "n_distinct": len(distinct), "n_windows": len(texts["windows"])})
+        pick = self._choose_bare(codes_full, codes_bare, starts)
+        for name, arr in (("summary-bare", pick), ("summary-index", np.where(pick, codes_bare, codes_full).astype(np.int32))):
+            path = self.root / "embeddings" / f"{name}.npy"
+            tmp = path.with_name(f".{name}.tmp.npy")
+            np.save(tmp, arr)
+            os.replace(tmp, path)
+        self.mark("embeddings", {"n": len(full), "n_distinct": len(distinct), "n_windows": len(texts["windows"]),
+                                 "n_spans": len(texts["spans"]), "n_bare": int(pick.sum())})
+
+    def _choose_bare(self, codes_full: np.ndarray, codes_bare: np.ndarray, starts: list[int]) -> np.ndarray:
+        """bool per description: whether its bare summary has the higher train span AUC (see :meth:`run_embeddings`)."""
+        from .embedding_score import prefer_bare
+
+        pick = np.zeros(len(codes_full), bool)
+        differs = np.flatnonzero(codes_full != codes_bare)
+        if not len(differs):
+            return pick
+        vecs, spans = self.embeddings("distinct"), self.embeddings("spans")
+        desc = self.descriptions(chosen=False)[["layer", "neuron", "polarity"]].to_numpy()
+        view = ExemplarView.of_build(self)
+        for a in range(0, len(differs), 4096):
+            rows = differs[a : a + 4096]
+            wins = [view.train(int(desc[i, 0]), int(desc[i, 1]), int(desc[i, 2])) for i in rows]
+            pols = desc[rows, 2].tolist()
+            pick[rows] = prefer_bare(vecs[codes_full[rows]], vecs[codes_bare[rows]], wins, pols, view.random_train_ids,
+                                     spans, starts, self.cfg.skip_prefix)
+        return pick
 
     def embeddings(self, prefix: str = "chunk") -> np.ndarray:
         """The embeddings stage's vectors ``[rows, dim]``: descriptions (``chunk``, in description
-        order, each its distinct summary's vector) or corpus windows (``windows``, in sequence order).
+        order, each its distinct summary's vector), corpus windows (``windows``, in sequence order)
+        or their spans (``spans``, :func:`~precompute.embedding_score.span_texts` order).
         A build folder from before distinct summaries (``chunk-*.npy`` files) is read as it is."""
         folder = self.root / "embeddings"
         if prefix == "chunk" and (folder / "summary-index.npy").exists():
@@ -583,7 +634,7 @@ class Build:
 
     def run_scores(self) -> None:
         """Stage 6: score every description on its held-out sequences with every scorer:
-        the simulator (offline token match, or the LLM) and the embedding scorer."""
+        the simulator (offline token match, or the LLM) and the two embedding scorers (windows, spans)."""
         from . import embedding_score
         from .simulate import SCORER_ID, SCORER_VERSION, Simulator
 
@@ -592,7 +643,9 @@ class Build:
         desc = self.descriptions()
         vecs = self.embeddings("chunk")
         windows = self.embeddings("windows")
-        if len(vecs) != len(desc) or len(windows) != len(self.corpus):
+        starts = embedding_score.span_starts(self.corpus.seq_len, self.cfg.skip_prefix)
+        spans = self.embeddings("spans")
+        if len(vecs) != len(desc) or len(windows) != len(self.corpus) or len(spans) != len(self.corpus) * len(starts):
             raise MonitorError("Embeddings and descriptions disagree in number; re-run with --fresh.")
         row_of = {(int(l), int(nn), int(p)): i for i, (l, nn, p) in
                   enumerate(zip(desc.layer.values, desc.neuron.values, desc.polarity.values))}
@@ -623,23 +676,29 @@ class Build:
                 sims = llm.score_windows([(text[k], k[1], held[k]) for k in keys])
             rows_v = vecs[[row_of[(layer, nn, p)] for nn, p in keys]]
             aucs = embedding_score.score_keys(rows_v, pos, view.random_test_ids, windows)
+            span_aucs = embedding_score.score_span_keys(rows_v, [held[k] for k in keys], [k[1] for k in keys],
+                                                        view.random_test_ids, spans, starts, self.cfg.skip_prefix)
+            n_neg, n_neg_spans = len(view.random_test_ids), len(view.random_test_ids) * len(starts)
             out = []
-            for (nn, p), s, a, c, pp in zip(keys, sims, aucs, counts, pos):
+            for (nn, p), s, a, sa, c, pp in zip(keys, sims, aucs, span_aucs, counts, pos):
                 out.append((layer, nn, p, sim_id, sim_version, s, "test", c, None))
                 out.append((layer, nn, p, embedding_score.SCORER_ID, embedding_score.SCORER_VERSION,
-                            None if not np.isfinite(a) else float(a), "test", len(pp) + len(view.random_test_ids), None))
+                            None if not np.isfinite(a) else float(a), "test", len(pp) + n_neg, None))
+                out.append((layer, nn, p, embedding_score.SPAN_SCORER_ID, embedding_score.SPAN_SCORER_VERSION,
+                            None if not np.isfinite(sa) else float(sa), "test", len(pp) + n_neg_spans, None))
             df = pd.DataFrame(out, columns=SCORE_COLUMNS)
             df["value"] = df["value"].astype("float64")
             df["n"] = df["n"].astype("int32")
             return df
 
         try:
-            self.per_layer("scores", f"scores ({sim_id}, {embedding_score.SCORER_ID}; per layer)", layer_rows)
+            self.per_layer("scores", f"scores ({sim_id}, embedding AUCs; per layer)", layer_rows)
         finally:
             if llm is not None:
                 llm.close()
         info = llm.stats if llm is not None else {}
-        self.mark("scores", {"scorer": sim_id, "scorers": [sim_id, embedding_score.SCORER_ID], **info})
+        self.mark("scores", {"scorer": sim_id, "scorers": [sim_id, embedding_score.SCORER_ID,
+                                                           embedding_score.SPAN_SCORER_ID], **info})
 
     def scores(self) -> pd.DataFrame:
         """Every described layer's score rows (the scores table), in layer order."""
@@ -673,7 +732,9 @@ class Build:
                     {"name": main_id, "version": str(scores[scores.scorer == main_id].version.iloc[0]) if len(scores) else "",
                      "description": "LLM simulation: Pearson r of true vs simulated 0-10 activations on held-out sequences"})
         scorers = [sim_meta, {"name": embedding_score.SCORER_ID, "version": embedding_score.SCORER_VERSION,
-                              "description": embedding_score.SCORER_DESCRIPTION}]
+                              "description": embedding_score.SCORER_DESCRIPTION},
+                   {"name": embedding_score.SPAN_SCORER_ID, "version": embedding_score.SPAN_SCORER_VERSION,
+                    "description": embedding_score.SPAN_SCORER_DESCRIPTION}]
         col = self.merged()
         s = col.state
         steps = ["meta", "neurons", "sequences", "descriptions", "scores", "embeddings", "exemplars", "quantiles", "finish"]

@@ -394,7 +394,7 @@ def test_neuron_page_described_layer(env, db):
     from dashboard.score_badges import badge_markdown
 
     scores = db.scores_for(8, 5)
-    assert len(scores) == 4 and set(scores.scorer) == {"offline-token-match-v2", "embedding-auc-v1"}
+    assert len(scores) == 6 and set(scores.scorer) == {"offline-token-match-v2", "embedding-auc-v1", "embedding-span-auc-v1"}
     for r in scores.itertuples():
         value = None if r.value != r.value else float(r.value)
         assert badge_markdown(r.scorer, value) in body

@@ -15,7 +15,8 @@ from sklearn.metrics import roc_auc_score
 from precompute.collect import Collector, extremes_needed
 from precompute.corpus import Corpus, corpus_hash
 from precompute.describe import CorpusStats, describe, describe_v1, ContextStats, evidence
-from precompute.embedding_score import auc_rows, score_keys
+from precompute.embedding_score import (SPAN_LEN, all_span_rows, auc_rows, peak_span_rows, prefer_bare, score_keys,
+                                       score_span_keys, span_starts, span_texts)
 from precompute.exemplar_view import ExemplarView
 from precompute.simulate import Simulator, parse, pearson, pearson_rows
 
@@ -155,12 +156,46 @@ def test_log_odds_ranks_the_distinctive_token_above_a_frequent_one(planted, toke
     assert river in [t for t, _, _ in ev.tokens]
 
 
+def chosen_summary(planted, feature: int) -> str:
+    """The planted feature's summary in the form the build keeps: full or bare, whichever has the
+    higher span AUC on the train windows (:func:`precompute.embedding_score.prefer_bare`)."""
+    from cache.embedder import embed
+    from cache.search_explain import bare_summary
+
+    corpus, view, stats, sim = planted
+    _, full, _ = describe(1, view.train(0, feature, 1, with_random=True), stats, sim, [], [])
+    bare = bare_summary(full)
+    assert bare and full.startswith(bare) and len(bare) < len(full)
+    starts = span_starts(corpus.seq_len, 1)
+    spans = embed(span_texts(corpus.tokens, starts))
+    (pick,) = prefer_bare(embed([full]), embed([bare]), [view.train(0, feature, 1)], [1], view.random_train_ids,
+                          spans, starts, 1)
+    return bare if pick else full
+
+
+def test_summary_form_is_chosen_on_train_windows(planted):
+    """On word salad the context of ' apple' is noise: the full summary (sources, context words,
+    snippet) scores lower on the train spans than the bare token, so the bare form is kept."""
+    from cache.embedder import embed
+
+    corpus, view, stats, sim = planted
+    chosen = chosen_summary(planted, 0)
+    assert chosen == "' apple'"
+    starts = span_starts(corpus.seq_len, 1)
+    spans = embed(span_texts(corpus.tokens, starts))
+    _, full, _ = describe(1, view.train(0, 0, 1, with_random=True), stats, sim, [], [])
+    train = [view.train(0, 0, 1)]
+    by_hand = [score_span_keys(embed([x]), train, [1], view.random_train_ids, spans, starts, 1)[0]
+               for x in (full, chosen)]
+    assert by_hand[1] > by_hand[0]
+
+
 def test_embedding_scorer_ranks_planted_windows_above_random(planted):
     from cache.embedder import embed
 
     corpus, view, stats, sim = planted
     windows = embed(corpus.texts)
-    text, summary, _ = describe(1, view.train(0, 0, 1, with_random=True), stats, sim, [], [])
+    summary = chosen_summary(planted, 0)
     d = embed([summary])
     held = view.heldout(0, 0, 1)
     auc = score_keys(d, [held.seq_ids[: held.n_top]], view.random_test_ids, windows)[0]
@@ -170,6 +205,45 @@ def test_embedding_scorer_ranks_planted_windows_above_random(planted):
     y = [1] * held.n_top + [0] * len(view.random_test_ids)
     ref = roc_auc_score(y, np.concatenate([s[held.seq_ids[: held.n_top]], s[view.random_test_ids]]))
     assert auc == pytest.approx(ref, abs=1e-9)
+
+
+def test_span_starts_cover_every_scored_position_and_the_peak_span_holds_the_peak():
+    for seq_len, skip in ((64, 1), (24, 1), (95, 1), (10, 1), (64, 0)):
+        starts = span_starts(seq_len, skip)
+        assert starts[0] == skip and max(a + SPAN_LEN for a in starts) >= seq_len
+        for p in range(skip, seq_len):
+            (row,) = peak_span_rows([3], [p], starts)
+            seq, j = divmod(row, len(starts))
+            a = starts[j]
+            assert seq == 3 and a <= p < a + SPAN_LEN  # the chosen span holds the peak
+            if seq_len >= SPAN_LEN + 8:  # and, away from the window's ends, context on both sides
+                assert (p - a >= 4 or a == skip) and (a + SPAN_LEN - 1 - p >= 4 or a + SPAN_LEN >= seq_len)
+    assert all_span_rows([0, 2], [1, 9, 17]) == [0, 1, 2, 6, 7, 8]
+
+
+def test_span_scorer_ranks_planted_peaks_above_random_spans_and_agrees_with_sklearn(planted):
+    """The span scorer on the planted ' apple' neuron, against a hand computation: each positive is
+    the span (embedded on its own) with the centre nearest the held-out peak, found by brute force."""
+    from cache.embedder import embed
+
+    corpus, view, stats, sim = planted
+    starts = span_starts(corpus.seq_len, 1)
+    spans = embed(span_texts(corpus.tokens, starts))
+    d = embed([chosen_summary(planted, 0)])
+    held = view.heldout(0, 0, 1)
+    auc = score_span_keys(d, [held], [1], view.random_test_ids, spans, starts, 1)[0]
+    assert auc >= 0.9, (summary, auc)
+    pos = []
+    for i in range(held.n_top):
+        peak = int(np.argmax(held.acts[i])) + 1  # Windows drop the sink position
+        a = min(starts, key=lambda s: (abs(s + (SPAN_LEN - 1) / 2 - peak), s))
+        assert a <= peak < a + SPAN_LEN
+        text = "".join(corpus.tokens[held.seq_ids[i]][a : a + SPAN_LEN])
+        pos.append(float(embed([text])[0] @ d[0]))
+    neg = [float(embed(["".join(corpus.tokens[s][a : a + SPAN_LEN])])[0] @ d[0])
+           for s in view.random_test_ids for a in starts]
+    ref = roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg)
+    assert auc == pytest.approx(ref, abs=0.02)  # texts embedded one by one vs batched: bf16-free, fp32 noise only
 
 
 def test_auc_rows_agree_with_sklearn_including_ties_and_masks():

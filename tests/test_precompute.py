@@ -83,7 +83,7 @@ def assert_one_score_row_per_key(path: Path) -> None:
     finally:
         con.close()
     names = [d["name"] for d in json.loads(meta["scorers"])]
-    assert sorted(per_scorer) == sorted(names) == sorted(["offline-token-match-v2", "embedding-auc-v1"])
+    assert sorted(per_scorer) == sorted(names) == sorted(["offline-token-match-v2", "embedding-auc-v1", "embedding-span-auc-v1"])
     assert all(c == n_keys for c in per_scorer.values()) and dupes == 0 and missing == 0
     assert main == con_count_scored(path)  # each description's main score is its row in scores
     assert zeros == 0  # "no prediction" is NULL, never a stored 0
@@ -393,14 +393,14 @@ def test_database_meta_says_what_built_it(embedded_db):
     counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("descriptions", "quantiles", "neurons")}
     summaries = con.execute("SELECT summary FROM descriptions").df().summary
     con.close()
-    assert meta["explainer"] == "offline-v2" and meta["scorer"] == "offline-token-match-v2"
+    assert meta["explainer"] == "offline-v3" and meta["scorer"] == "offline-token-match-v2"
     assert meta["schema_version"] == "2"
     assert meta["model_slug"] == "smollm2-135m-instruct" and meta["n_layers"] == "30" and meta["n_neurons"] == "1536"
     assert json.loads(meta["described_layers"]) == [0, 8, 15, 22, 29]
     assert {s["name"] for s in json.loads(meta["corpus_sources"])} >= {"bible", "dates", "changelogs", "decimals", "code", "prose", "chat"}
     assert counts["descriptions"] == 5 * 1536 * 2 and counts["neurons"] == 5 * 1536
     assert counts["quantiles"] == 30 * 1536 * len(QUANTILE_LEVELS)
-    assert summaries.str.split().str.len().max() < 15
+    assert summaries.str.split().str.len().max() < 30  # offline-v3: tokens, sources, two context words, 8 snippet words
 
 
 def test_status_and_bad_options(tmp_path, tiny_llama_dir):
