@@ -527,7 +527,7 @@ class Build:
 
     def descriptions(self, chosen: bool = True) -> pd.DataFrame:
         """Every described layer's descriptions, in layer order; with ``chosen``, each ``summary``
-        in the form the embeddings stage chose for it (``summary-bare.npy``; see :meth:`run_embeddings`)."""
+        in the form the scores stage chose for it (``summary-bare.npy``; see :meth:`run_embeddings`)."""
         files = [self.layer_file("descriptions", layer) for layer in self.layer_list()]
         desc = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
         bare_file = self.root / "embeddings" / "summary-bare.npy"
@@ -553,15 +553,22 @@ class Build:
         share its batch, so a resumed build is byte-identical to an uninterrupted one only with
         the same ``--embed-chunk``.
 
-        **Each summary's form is chosen here, on train windows.** An ``offline-v3`` summary says
+        **Both forms of each summary are embedded here; the scores stage chooses one, on train
+        windows** (:meth:`choose_summary_forms`). An ``offline-v3`` summary says
         what the neuron fires on and where (sources, context words, a snippet); its bare form
         (:func:`cache.search_explain.bare_summary`) names the tokens only. Where the text around
         the peaks is the neuron's topic the full form describes it better; where a single token is
         the cause, the context is noise. Both forms are embedded, and each description keeps the one
         with the higher span AUC on its *train* windows (the train top exemplars' peak spans against
-        every span of the train random sequences; ties keep the full form), so the held-out scores of
-        the scores stage are computed on windows the choice never saw. ``summary-bare.npy`` records
-        the choice; :meth:`descriptions` applies it."""
+        every span of the train random sequences; ties keep the full form), so the held-out scores
+        are computed on windows the choice never saw. ``summary-index.npy`` and
+        ``summary-bare-index.npy`` map each description's full and bare form to its distinct row;
+        ``summary-bare.npy`` records the choice; :meth:`descriptions` and :meth:`embeddings` apply it.
+
+        The allocator's kept pages are handed back after every chunk (:func:`engine.loader.trim_heap`):
+        batches of varying length otherwise leave ~1 GB of freed heap behind over 200k texts."""
+        from engine.loader import trim_heap
+
         from cache.embedder import embed, load_embedder
         from cache.search_explain import bare_summary
 
@@ -589,36 +596,44 @@ class Build:
                     tmp = path.with_name(f".{path.stem}.tmp.npy")
                     np.save(tmp, vecs.astype(np.float32))
                     os.replace(tmp, path)
+                    del vecs
+                    trim_heap()
                     step += 1
                     _maybe_die("embeddings", step)
                 bar.update(len(part))
         bar.close()
-        pick = self._choose_bare(codes_full, codes_bare, starts)
-        for name, arr in (("summary-bare", pick), ("summary-index", np.where(pick, codes_bare, codes_full).astype(np.int32))):
-            path = self.root / "embeddings" / f"{name}.npy"
-            tmp = path.with_name(f".{name}.tmp.npy")
-            np.save(tmp, arr)
-            os.replace(tmp, path)
+        for name, arr in (("summary-bare-index", codes_bare), ("summary-index", codes_full)):
+            self._save_npy(f"embeddings/{name}.npy", arr.astype(np.int32))
         self.mark("embeddings", {"n": len(full), "n_distinct": len(distinct), "n_windows": len(texts["windows"]),
-                                 "n_spans": len(texts["spans"]), "n_bare": int(pick.sum())})
+                                 "n_spans": len(texts["spans"])})
 
-    def _choose_bare(self, codes_full: np.ndarray, codes_bare: np.ndarray, starts: list[int]) -> np.ndarray:
-        """bool per description: whether its bare summary has the higher train span AUC (see :meth:`run_embeddings`)."""
+    def _save_npy(self, rel: str, arr: np.ndarray) -> None:
+        path = self.root / rel
+        tmp = path.with_name(f".{path.stem}.tmp.npy")
+        np.save(tmp, arr)
+        os.replace(tmp, path)
+
+    def choose_summary_forms(self, view: ExemplarView, spans: np.ndarray, starts: list[int]) -> np.ndarray:
+        """bool per description, ``embeddings/summary-bare.npy``: whether its bare summary has the higher
+        span AUC on its train windows (see :meth:`run_embeddings`); computed once, by the scores stage."""
         from .embedding_score import prefer_bare
 
+        folder = self.root / "embeddings"
+        if (folder / "summary-bare.npy").exists():
+            return np.load(folder / "summary-bare.npy")
+        codes_full = np.load(folder / "summary-index.npy")
+        bare_file = folder / "summary-bare-index.npy"
+        codes_bare = np.load(bare_file) if bare_file.exists() else codes_full
         pick = np.zeros(len(codes_full), bool)
         differs = np.flatnonzero(codes_full != codes_bare)
-        if not len(differs):
-            return pick
-        vecs, spans = self.embeddings("distinct"), self.embeddings("spans")
+        vecs = self.embeddings("distinct") if len(differs) else None
         desc = self.descriptions(chosen=False)[["layer", "neuron", "polarity"]].to_numpy()
-        view = ExemplarView.of_build(self)
         for a in range(0, len(differs), 4096):
             rows = differs[a : a + 4096]
             wins = [view.train(int(desc[i, 0]), int(desc[i, 1]), int(desc[i, 2])) for i in rows]
-            pols = desc[rows, 2].tolist()
-            pick[rows] = prefer_bare(vecs[codes_full[rows]], vecs[codes_bare[rows]], wins, pols, view.random_train_ids,
-                                     spans, starts, self.cfg.skip_prefix)
+            pick[rows] = prefer_bare(vecs[codes_full[rows]], vecs[codes_bare[rows]], wins, desc[rows, 2].tolist(),
+                                     view.random_train_ids, spans, starts, self.cfg.skip_prefix)
+        self._save_npy("embeddings/summary-bare.npy", pick)
         return pick
 
     def embeddings(self, prefix: str = "chunk") -> np.ndarray:
@@ -628,23 +643,28 @@ class Build:
         A build folder from before distinct summaries (``chunk-*.npy`` files) is read as it is."""
         folder = self.root / "embeddings"
         if prefix == "chunk" and (folder / "summary-index.npy").exists():
-            return self.embeddings("distinct")[np.load(folder / "summary-index.npy")]
+            index = np.load(folder / "summary-index.npy")
+            if (folder / "summary-bare.npy").exists():  # the form the scores stage chose
+                index = np.where(np.load(folder / "summary-bare.npy"), np.load(folder / "summary-bare-index.npy"), index)
+            return self.embeddings("distinct")[index]
         files = sorted(folder.glob(f"{prefix}-*.npy"))
         return np.concatenate([np.load(f) for f in files])
 
     def run_scores(self) -> None:
-        """Stage 6: score every description on its held-out sequences with every scorer:
+        """Stage 6: choose each summary's form on train windows (:meth:`choose_summary_forms`), then
+        score every description on its held-out sequences with every scorer:
         the simulator (offline token match, or the LLM) and the two embedding scorers (windows, spans)."""
         from . import embedding_score
         from .simulate import SCORER_ID, SCORER_VERSION, Simulator
 
         n = self.model_facts()[1]  # no model load: the scores stage reads no weights
         view = ExemplarView.of_build(self)
+        starts = embedding_score.span_starts(self.corpus.seq_len, self.cfg.skip_prefix)
+        spans = self.embeddings("spans")
+        self.choose_summary_forms(view, spans, starts)  # before anything reads the chosen summaries
         desc = self.descriptions()
         vecs = self.embeddings("chunk")
         windows = self.embeddings("windows")
-        starts = embedding_score.span_starts(self.corpus.seq_len, self.cfg.skip_prefix)
-        spans = self.embeddings("spans")
         if len(vecs) != len(desc) or len(windows) != len(self.corpus) or len(spans) != len(self.corpus) * len(starts):
             raise MonitorError("Embeddings and descriptions disagree in number; re-run with --fresh.")
         row_of = {(int(l), int(nn), int(p)): i for i, (l, nn, p) in
