@@ -171,6 +171,11 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the clone (its data/ and logs) and print where")
     p.add_argument("--json", action="store_true", help="print JSON on one line (JSON is printed either way)")
     args = p.parse_args()
+    import signal
+
+    # SIGTERM (kill, pkill, a CI timeout) raises SystemExit, so run()'s finally blocks still stop the
+    # clone's Streamlit server and background build instead of leaving them running
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result = run(args.until, args.port, args.keep)
     print(json.dumps(result, indent=None if args.json else 2))
 
