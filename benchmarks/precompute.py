@@ -24,7 +24,7 @@
   is what the same work takes on an idle machine, so these project an idle build when the
   machine is shared.
 * ``explainers``: the new (``offline-v3``, its summary form chosen on train windows as the
-  build's embeddings stage does; ``new_bare_share`` is how often the bare form won) and old
+  build's scores stage does; ``new_bare_share`` is how often the bare form won) and old
   (``offline-v1``) explainers run on the same build's exemplars for a seeded sample of
   (neuron, polarity) keys, each scored by the same scorers on held-out windows: the
   token-match simulation (v2), the whole-window embedding AUC and the peak-span embedding
@@ -238,7 +238,7 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
                                                               rng.integers(0, lm.n_neurons, sample),
                                                               rng.choice([1, -1], sample))})
     texts = {"new": [], "old": []}
-    held, train_top, lookup = [], [], []
+    held, trains, lookup = [], [], []
     cache_out: dict = {}
     t_new = t_old = 0.0
     for layer, neuron, pol in keys:
@@ -257,15 +257,15 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
         texts["old"].append(old[:2])
         h = view.heldout(layer, neuron, pol)
         held.append(h)
-        train_top.append(view.train(layer, neuron, pol))
+        trains.append(train)  # prefer_bare reads its top exemplars only
         lookup.append(_lookup_score(train, h, pol, stats.vocab))
     out = {"sample": len(keys), "held_out": "test top exemplars + held-out random windows, sink excluded",
            "describe_ms_per_key_cpu": {"new": round(1e3 * t_new / len(keys), 2), "old": round(1e3 * t_old / len(keys), 2)}}
     pols = [k[2] for k in keys]
-    # the new explainer's summary form, chosen on train windows as the build does (embeddings stage)
+    # the new explainer's summary form, chosen on train windows as the build does (scores stage)
     full = [summ for _, summ in texts["new"]]
     bare = [bare_summary(x) or x for x in full]
-    pick = prefer_bare(embed(full, bulk=True), embed(bare, bulk=True), train_top, pols, view.random_train_ids,
+    pick = prefer_bare(embed(full, bulk=True), embed(bare, bulk=True), trains, pols, view.random_train_ids,
                        spans, starts)
     texts["new"] = [(t, b if p else f) for (t, f), b, p in zip(texts["new"], bare, pick)]
     out["new_bare_share"] = round(float(np.mean(pick)), 4)

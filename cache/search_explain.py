@@ -27,16 +27,22 @@ _ITEM = r"'[^']*'(?: after '[^']*')?"  # a quoted token (quotes inside are ’),
 _V3 = re.compile(rf"^(?P<beh>{_ITEM}(?:, {_ITEM})*)(?: in (?P<src>[^(:“]+?))?(?: \((?P<ctx>[^)]*)\))?(?:: “.*”)?$", re.S)
 
 
-def bare_summary(summary: str) -> str | None:
-    """An ``offline-v3`` summary without where it happens: its position notes and tokens only
-    (``window start: ',', ' saying'``); None when it is not in that grammar or is bare already."""
+def _notes(summary: str) -> tuple[str, str]:
+    """(position notes, rest) of a summary: ``window start: diffuse: 'x'`` → (``window start: diffuse: ``, ``'x'``)."""
     s = (summary or "").strip()
     prefix = ""
     for p in ("window start: ", "diffuse: "):
         if s[len(prefix):].startswith(p):
             prefix += p
-    m = _V3.match(s[len(prefix):])
-    if not m or m.group("beh").strip() == s[len(prefix):]:
+    return prefix, s[len(prefix):]
+
+
+def bare_summary(summary: str) -> str | None:
+    """An ``offline-v3`` summary without where it happens: its position notes and tokens only
+    (``window start: ',', ' saying'``); None when it is not in that grammar or is bare already."""
+    prefix, s = _notes(summary)
+    m = _V3.match(s)
+    if not m or m.group("beh").strip() == s:
         return None
     return prefix + m.group("beh").strip()
 
@@ -46,10 +52,7 @@ def split_summary(summary: str) -> tuple[str, str]:
 
     ``window start: ',', ' saying' in Bible verses (lord): “…”`` → (``',', ' saying'``,
     ``Bible verses``); a free-text summary is all behaviour unless it ends in " in <words>"."""
-    s = (summary or "").strip()
-    for prefix in ("window start: ", "diffuse: "):
-        if s.startswith(prefix):
-            s = s[len(prefix):]
+    _, s = _notes(summary)
     m = _V3.match(s)
     if m:
         return m.group("beh").strip(), (m.group("src") or "").strip()

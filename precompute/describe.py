@@ -369,26 +369,26 @@ def describe(polarity: int, train, stats: CorpusStats, simulator, promotes: list
                   f"suppresses {', '.join(show(t) for t in readable(suppresses))}." if promotes or suppresses else "")
     named = {loose(stats.strings.get(t, "")) for t, _, _ in ev.tokens[:MAX_TOKENS]}
     ev.context = [w for w in ev.context if w not in named]  # a named token is not its own context
-    variants = []
-    for m in range(1, min(MAX_TOKENS, len(ev.tokens)) + 1):
-        if any(t in ev.after for t, _, _ in ev.tokens[:m]):
-            variants.append((m, True, False))
-        variants.append((m, False, False))
-    cands = [_candidate(polarity, ev, stats, *v, out_clause) for v in variants]
-    scores = simulator.scores([c[0] for c in cands], polarity, train)
-    best = _best(scores)
-    m, after, _ = variants[best]
+    variants: list[tuple[int, bool, bool, int]] = []  # (tokens named, with previous tokens, context, also)
+    cands: list[tuple[str, str]] = []
+    scores: list[float | None] = []
+
+    def add(new: list[tuple[int, bool, bool, int]]) -> int:
+        """Simulate these candidates on the train windows; the index of the best so far."""
+        variants.extend(new)
+        cands.extend(_candidate(polarity, ev, stats, m, after, ctx, out_clause, also) for m, after, ctx, also in new)
+        scores.extend(simulator.scores([c[0] for c in cands[-len(new):]], polarity, train))
+        return _best(scores)
+
+    best = add([(m, after, False, 0) for m in range(1, min(MAX_TOKENS, len(ev.tokens)) + 1)
+                for after in (True, False) if not after or any(t in ev.after for t, _, _ in ev.tokens[:m])])
+    m, after, _, _ = variants[best]
     extra = [(m, after, False, a) for a in ALSO if m + a <= len(ev.tokens)]  # weaker tokens after the best ones
     if extra:
-        variants += extra
-        cands += [_candidate(polarity, ev, stats, vm, va, False, out_clause, a) for vm, va, _, a in extra]
-        scores += simulator.scores([c[0] for c in cands[-len(extra):]], polarity, train)
-        best = _best(scores)
+        best = add(extra)
     if ev.context:
-        m, after, _, also = (*variants[best], 0)[:4]
-        cands.append(_candidate(polarity, ev, stats, m, after, True, out_clause, also))
-        scores += simulator.scores([cands[-1][0]], polarity, train)
-        best = _best(scores)
+        m, after, _, also = variants[best]
+        best = add([(m, after, True, also)])
     return cands[best][0], cands[best][1], scores[best]
 
 

@@ -185,6 +185,13 @@ def tree_pss_mb(pid: int, tree: list[int] | None = None) -> float | None:
     return round(total / 1024, 1) if seen else None
 
 
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` under a temporary name, then renamed: a killed build never leaves half an array."""
+    tmp = path.with_name(f".{path.stem}.tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
 def _write_parquet(df: pd.DataFrame | pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -600,9 +607,7 @@ class Build:
                 if not path.exists():
                     vecs = embed(part, name=self.cfg.embedding_model, bulk=True)
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(f".{path.stem}.tmp.npy")
-                    np.save(tmp, vecs.astype(np.float32))
-                    os.replace(tmp, path)
+                    _save_npy(path, vecs.astype(np.float32))
                     del vecs
                     trim_heap()
                     step += 1
@@ -610,15 +615,9 @@ class Build:
                 bar.update(len(part))
         bar.close()
         for name, arr in (("summary-bare-index", codes_bare), ("summary-index", codes_full)):
-            self._save_npy(f"embeddings/{name}.npy", arr.astype(np.int32))
+            _save_npy(self.root / "embeddings" / f"{name}.npy", arr.astype(np.int32))
         self.mark("embeddings", {"n": len(full), "n_distinct": len(distinct), "n_windows": len(texts["windows"]),
                                  "n_spans": len(texts["spans"])})
-
-    def _save_npy(self, rel: str, arr: np.ndarray) -> None:
-        path = self.root / rel
-        tmp = path.with_name(f".{path.stem}.tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, path)
 
     def choose_summary_forms(self, view: ExemplarView, spans: np.ndarray, starts: list[int]) -> np.ndarray:
         """bool per description, ``embeddings/summary-bare.npy``: whether its bare summary has the higher
@@ -640,7 +639,7 @@ class Build:
             wins = [view.train(int(desc[i, 0]), int(desc[i, 1]), int(desc[i, 2])) for i in rows]
             pick[rows] = prefer_bare(vecs[codes_full[rows]], vecs[codes_bare[rows]], wins, desc[rows, 2].tolist(),
                                      view.random_train_ids, spans, starts, self.cfg.skip_prefix)
-        self._save_npy("embeddings/summary-bare.npy", pick)
+        _save_npy(folder / "summary-bare.npy", pick)
         return pick
 
     def embeddings(self, prefix: str = "chunk") -> np.ndarray:
