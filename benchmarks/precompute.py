@@ -33,6 +33,11 @@
   keys' windows (5 seeded permutations), which should sit near 0.5. ``sim_ceiling_token_lookup``
   is what a per-token lookup table fitted on the train windows reaches on the same held-out
   windows: the most a context-free token-match description could score.
+  ``sim_ceiling_candidates_on_heldout`` is, per key, the best held-out score among the new
+  explainer's own candidates (it picks one on train windows): the most its candidate family can
+  reach. ``auc_ceiling_train_centroid`` scores, in place of a summary, the normalised mean
+  embedding of each key's train peak spans: what a text as close to the exemplars as their own
+  average would reach on the embedding scorers.
 """
 
 from __future__ import annotations
@@ -215,7 +220,8 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
     from precompute.corpus import Corpus
     from precompute.describe import ContextStats, CorpusStats, OutputTokens, describe, describe_v1
     from cache.search_explain import bare_summary
-    from precompute.embedding_score import prefer_bare, score_keys, score_span_keys, span_starts, span_texts
+    from precompute.embedding_score import (peak_span_rows, prefer_bare, score_keys, score_span_keys, span_starts,
+                                            span_texts)
     from precompute.exemplar_view import ExemplarView
     from precompute.simulate import Simulator
 
@@ -224,7 +230,19 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
     col = Collector.load(build_root / "merged.parquet")
     view = ExemplarView(col.state, col.k, corpus, lm.n_neurons, 1)
     stats = CorpusStats(corpus, 1)
-    sim = Simulator(stats.strings)
+
+    class Recording(Simulator):
+        """Remembers every candidate the explainer simulates (``seen``), for the held-out ceiling of its candidates."""
+
+        def __init__(self, strings):
+            super().__init__(strings)
+            self.seen: list[str] = []
+
+        def scores(self, descriptions, polarity, windows):
+            self.seen.extend(descriptions)
+            return super().scores(descriptions, polarity, windows)
+
+    sim = Recording(stats.strings)
     ctx = ContextStats(corpus.texts)
     outs = OutputTokens(lm)
     win_files = sorted((build_root / "embeddings").glob("windows-*.npy"))
@@ -238,7 +256,7 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
                                                               rng.integers(0, lm.n_neurons, sample),
                                                               rng.choice([1, -1], sample))})
     texts = {"new": [], "old": []}
-    held, trains, lookup = [], [], []
+    held, trains, lookup, oracle, centroids = [], [], [], [], []
     cache_out: dict = {}
     t_new = t_old = 0.0
     for layer, neuron, pol in keys:
@@ -247,8 +265,10 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
         prom, supp = cache_out[layer][0][neuron], cache_out[layer][1][neuron]
         train = view.train(layer, neuron, pol, with_random=True)
         c0 = time.process_time()
+        sim.seen.clear()
         text, summary, _ = describe(pol, train, stats, sim, prom, supp)
         t_new += time.process_time() - c0
+        candidates = list(sim.seen)
         texts["new"].append((text, summary))
         c0 = time.process_time()
         n_top = train.n_top
@@ -259,6 +279,12 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
         held.append(h)
         trains.append(train)  # prefer_bare reads its top exemplars only
         lookup.append(_lookup_score(train, h, pol, stats.vocab))
+        # the best of the explainer's own candidates, picked on the held-out windows themselves
+        oracle.append(max((v for v in sim.scores(candidates, pol, h) if v is not None), default=None))
+        # the mean embedding of the train top windows' peak spans (unit length)
+        peaks = np.argmax(pol * np.asarray(train.acts[: train.n_top]), axis=1) + 1
+        c = spans[peak_span_rows(train.seq_ids[: train.n_top], peaks.tolist(), starts)].mean(axis=0)
+        centroids.append(c / max(float(np.linalg.norm(c)), 1e-12))
     out = {"sample": len(keys), "held_out": "test top exemplars + held-out random windows, sink excluded",
            "describe_ms_per_key_cpu": {"new": round(1e3 * t_new / len(keys), 2), "old": round(1e3 * t_old / len(keys), 2)}}
     pols = [k[2] for k in keys]
@@ -274,7 +300,19 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
                                        "note": "Pearson r of a per-token lookup table (each token id's mean train "
                                                "activation) on the held-out windows: the best any token-match "
                                                "description could do without context"}
+    orc = np.array([np.nan if v is None else v for v in oracle])
+    out["sim_ceiling_candidates_on_heldout"] = {
+        "mean": round(float(np.nanmean(orc)), 4), "median": round(float(np.nanmedian(orc)), 4),
+        "note": "per key, the best held-out score among the new explainer's own candidates (which the explainer "
+                "chooses on train windows): the most its candidate family can reach on this scorer"}
     pos_ids = [h.seq_ids[: h.n_top] for h in held]
+    cen = np.asarray(centroids, np.float32)
+    out["auc_ceiling_train_centroid"] = {
+        "auc_median": round(float(np.nanmedian(score_keys(cen, pos_ids, view.random_test_ids, windows))), 4),
+        "span_auc_median": round(float(np.nanmedian(score_span_keys(cen, held, pols, view.random_test_ids, spans,
+                                                                    starts))), 4),
+        "note": "not a description: the normalised mean embedding of each key's train peak spans, scored like a "
+                "summary on the held-out windows; what a text as close to the exemplars as their own average reaches"}
     per_key: dict = {}
     for name, pairs in texts.items():
         s = np.array([np.nan if v is None else v for v in
