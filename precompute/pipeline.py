@@ -50,8 +50,8 @@ STAGES = ("corpus", "activations", "exemplars", "descriptions", "embeddings", "s
 PRECISIONS = ("auto", "fp32", "bf16")
 # Said once when the activation pass starts in fp32 on a CPU (the build log, and stderr of a foreground build).
 FP32_NOTICE = ("This CPU has no bf16 matrix instructions (AVX-512 BF16 or AMX), so the activation pass runs in fp32: "
-               "on a 2-core AMD EPYC the default 524k-token build took about 55 minutes instead of 12 "
-               "(README, 'Build time by CPU'); --n-sequences 2048 builds a 4x smaller corpus.")
+               "on a 2-core AMD EPYC the default 524k-token build took about 64 minutes instead of 12 "
+               "(README, 'Build time by CPU'); --n-sequences 2048 builds a 4x smaller corpus, about 20 minutes sooner.")
 
 
 @dataclass
