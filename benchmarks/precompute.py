@@ -220,8 +220,8 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
     from precompute.corpus import Corpus
     from precompute.describe import ContextStats, CorpusStats, OutputTokens, describe, describe_v1
     from cache.search_explain import bare_summary
-    from precompute.embedding_score import (peak_span_rows, prefer_bare, score_keys, score_span_keys, span_starts,
-                                            span_texts)
+    from precompute.embedding_score import (prefer_bare, score_keys, score_span_keys, span_starts, span_texts,
+                                            top_span_rows)
     from precompute.exemplar_view import ExemplarView
     from precompute.simulate import Simulator
 
@@ -282,8 +282,7 @@ def explainers(build_root: Path, model: str = "embedded", sample: int = 2000, se
         # the best of the explainer's own candidates, picked on the held-out windows themselves
         oracle.append(max((v for v in sim.scores(candidates, pol, h) if v is not None), default=None))
         # the mean embedding of the train top windows' peak spans (unit length)
-        peaks = np.argmax(pol * np.asarray(train.acts[: train.n_top]), axis=1) + 1
-        c = spans[peak_span_rows(train.seq_ids[: train.n_top], peaks.tolist(), starts)].mean(axis=0)
+        c = spans[top_span_rows(train, pol, starts)].mean(axis=0)
         centroids.append(c / max(float(np.linalg.norm(c)), 1e-12))
     out = {"sample": len(keys), "held_out": "test top exemplars + held-out random windows, sink excluded",
            "describe_ms_per_key_cpu": {"new": round(1e3 * t_new / len(keys), 2), "old": round(1e3 * t_old / len(keys), 2)}}

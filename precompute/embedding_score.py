@@ -62,6 +62,14 @@ def peak_span_rows(seq_ids, peaks, starts: list[int], length: int = SPAN_LEN) ->
     return [int(s) * n + int(np.argmin(np.abs(centres - p))) for s, p in zip(seq_ids, peaks)]
 
 
+def top_span_rows(windows, polarity: int, starts: list[int], skip_prefix: int = 1,
+                  length: int = SPAN_LEN) -> list[int]:
+    """The peak span row (:func:`peak_span_rows`) of each top exemplar of ``windows``
+    (:class:`~precompute.exemplar_view.Windows`, sink removed), its peak taken in ``polarity``."""
+    peaks = np.argmax(polarity * np.asarray(windows.acts[: windows.n_top]), axis=1) + skip_prefix
+    return peak_span_rows(windows.seq_ids[: windows.n_top], peaks.tolist(), starts, length)
+
+
 def all_span_rows(seq_ids, starts: list[int]) -> list[int]:
     n = len(starts)
     return [int(s) * n + j for s in seq_ids for j in range(n)]
@@ -112,10 +120,7 @@ def score_span_keys(desc_vecs: np.ndarray, windows: list, polarities: list[int],
     :class:`~precompute.exemplar_view.Windows` (top exemplars first, sink removed), its
     polarity, the shared held-out random sequence ids, ``span_vecs`` [S·len(starts), d]
     (unit rows, :func:`span_texts` order). float64 [n]."""
-    pos = []
-    for w, pol in zip(windows, polarities):
-        peaks = np.argmax(pol * np.asarray(w.acts[: w.n_top]), axis=1) + skip_prefix
-        pos.append(peak_span_rows(w.seq_ids[: w.n_top], peaks.tolist(), starts, length))
+    pos = [top_span_rows(w, pol, starts, skip_prefix, length) for w, pol in zip(windows, polarities)]
     return score_keys(desc_vecs, pos, all_span_rows(neg_ids, starts), span_vecs)
 
 

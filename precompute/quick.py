@@ -1,7 +1,8 @@
 """The quick partial database that ``make demo`` builds before the full one.
 
-The full build of the embedded model takes about 12 minutes on 2 idle cores (most of it the activation
-pass over 8,192 sequences and the embedding of the windows and summaries). So the background build
+The full build of the embedded model takes about 12 minutes on 2 idle cores with bf16 instructions,
+about an hour in fp32 without them (most of it the activation pass over 8,192 sequences and the
+embedding of the windows and summaries). So the background build
 (:mod:`precompute.background`) first writes a **partial** database from a small slice of the corpus
 with every fifth layer described, then goes on with the full build in the same build process (one lock,
 one chain; each stage in a child process of its own):
